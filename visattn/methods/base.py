@@ -26,11 +26,19 @@ class AttentionMethod:
     applies_to: ClassVar[str] = "self"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: TokenGeometry, *,
-               scale: Optional[float] = None) -> torch.Tensor:
+               scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention output (B, H, N, D). ``attn_mask``: an additive float or bool mask the *model* passes
+        (Swin's relative-position bias, padding); a method that cannot honour one must raise ValueError."""
         raise NotImplementedError
 
-    def __call__(self, q, k, v, geometry: TokenGeometry, *, scale: Optional[float] = None) -> torch.Tensor:
-        return self.attend(q, k, v, geometry, scale=scale)
+    def __call__(self, q, k, v, geometry: TokenGeometry, *, scale: Optional[float] = None,
+                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.attend(q, k, v, geometry, scale=scale, attn_mask=attn_mask)
+
+    def pattern(self, geometry: TokenGeometry, query_index: int) -> Optional[torch.Tensor]:
+        """Bool (kv_len,) of the keys query ``query_index`` attends under ``geometry`` (for the pattern
+        explorer and docs); None when the pattern depends on the data (it is then shown as unknown)."""
+        return None
 
     def layout_stats(self, geometry: TokenGeometry) -> Optional[dict]:
         """Block statistics of the layout this method would use for ``geometry`` (None if not block-sparse)."""
