@@ -1,0 +1,290 @@
+"""Block-sparse layouts for neighborhood attention: tiled token permutation + analytic block classes.
+
+Kernel order (``perm[i]`` = original position held by kernel position ``i``):
+
+1. grid tokens lying in a *complete* tile of their dilation group's local grid, ordered by
+   (dilation group, tile, row-major position inside the tile); every tile is ``prod(tile)`` tokens, so
+   query/key blocks coincide with tiles (or halves of tiles) and are compact boxes;
+2. the remaining border tokens of ragged tiles, ordered the same way;
+3. global (prefix/suffix) tokens.
+
+Blocks are classified per (query block, key block) from per-block bounding boxes: a key block inside the
+intersection of all of the query block's windows is FULL; one that touches their union is visited. For
+box-shaped blocks this is exact; pairs involving non-box blocks (ragged borders, mixed groups, global
+tokens) are settled by evaluating the element predicate on just those pairs. No N x N tensor is built.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections import OrderedDict
+from dataclasses import replace
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..kernels.layout import BlockLayout
+from ._na_mask import NASpec, axis_windows, make_mask_mod
+
+__all__ = ["choose_tile", "token_permutation", "classify_blocks", "get_layout", "block_counts",
+           "default_block_size"]
+
+_BIG = 1 << 40
+_PARTIAL_COST = 1.6  # a partial block costs about this many full blocks (predicate + mask loads)
+
+
+def default_block_size(device: torch.device, head_dim: int) -> Tuple[int, int]:
+    """Query/key block sizes: 128x128 (D <= 64) or 128x64 (larger D) on CUDA, 32x32 elsewhere."""
+    if torch.device(device).type == "cuda":
+        return (128, 128) if head_dim <= 64 else (128, 64)
+    return (32, 32)
+
+
+def _factorizations(n: int, parts: int):
+    if parts == 1:
+        yield (n,)
+        return
+    for f in range(1, n + 1):
+        if n % f == 0:
+            for rest in _factorizations(n // f, parts - 1):
+                yield (f,) + rest
+
+
+def _axis_cost(spec: NASpec, axis: int, t: int) -> Tuple[float, float, float]:
+    """(visited, full, tokens in complete tiles) summed over dilation groups along one axis."""
+    L, k, d, s, c = (spec.shape[axis], spec.kernel[axis], spec.dilation[axis], spec.stride[axis],
+                     spec.causal[axis])
+    _, _, lo_all, hi_all = axis_windows(L, k, d, s, c)
+    vis = full = inside = 0.0
+    for g, lg in enumerate(spec.group_extents(axis)):
+        lo, hi = lo_all[g::d], hi_all[g::d]  # group-local order
+        starts = torch.arange(0, lg, t)
+        ends = (starts + t).clamp_max(lg) - 1
+        umin, umax, ilo, ihi = lo[starts], hi[ends], lo[ends], hi[starts]
+        vis += float((umax // t - umin // t + 1).sum())
+        full += float(((ihi + 1) // t - (ilo + t - 1) // t).clamp_min(0).sum())
+        inside += (lg // t) * t
+    return vis, full, inside
+
+
+def choose_tile(spec: NASpec, tile_tokens: int) -> Tuple[int, ...]:
+    """Tile shape (product ``tile_tokens``) minimising the estimated cost ``full + 1.6 * partial``.
+
+    The estimate is separable over axes (exact when tiles divide every group extent); tokens left in
+    ragged border tiles are penalised. Grids smaller than one tile use the whole grid as the tile.
+    """
+    maxlg = [max(spec.group_extents(a)) for a in range(spec.ndim)]
+    if math.prod(maxlg) <= tile_tokens:
+        return tuple(maxlg)
+    best, best_cost = None, None
+    cache: Dict[Tuple[int, int], Tuple[float, float, float]] = {}
+    for tile in _factorizations(tile_tokens, spec.ndim):
+        if any(t > m for t, m in zip(tile, maxlg)):
+            continue
+        parts = [cache.setdefault((a, t), _axis_cost(spec, a, t)) for a, t in enumerate(tile)]
+        vis = math.prod(p[0] for p in parts)
+        full = math.prod(p[1] for p in parts)
+        leftover = 1.0 - math.prod(p[2] for p in parts) / spec.num_spatial
+        cost = (full + _PARTIAL_COST * (vis - full)) * (1.0 + 0.5 * leftover)
+        # ties: prefer longer runs along the last (contiguous) axis
+        if best_cost is None or cost < best_cost * (1 - 1e-9) or (cost <= best_cost * (1 + 1e-9)
+                                                                   and tile[::-1] > best[::-1]):
+            best, best_cost = tile, cost
+    if best is None:  # some axis shorter than any factor: fall back to the whole grid per axis
+        return tuple(maxlg)
+    return best
+
+
+def _grid_coords(spec: NASpec, device) -> list:
+    idx = torch.arange(spec.num_spatial, device=device)
+    out = []
+    for a in range(spec.ndim):
+        st = math.prod(spec.shape[a + 1:])
+        out.append((idx // st) % spec.shape[a])
+    return out
+
+
+def token_permutation(spec: NASpec, tile: Tuple[int, ...], device=None) -> torch.Tensor:
+    """Kernel order -> original position (int64, length ``spec.seq_len``); see the module docstring."""
+    coords = _grid_coords(spec, device)
+    n_groups = math.prod(spec.dilation)
+    group = torch.zeros(spec.num_spatial, dtype=torch.int64, device=device)
+    tile_lin = torch.zeros_like(group)
+    in_tile = torch.zeros_like(group)
+    complete = torch.ones(spec.num_spatial, dtype=torch.bool, device=device)
+    n_tiles = 1
+    for a, x in enumerate(coords):
+        d, t = spec.dilation[a], tile[a]
+        g, xl = x % d, x // d
+        lg = (spec.shape[a] - g + d - 1) // d
+        tiles_a = -(-max(spec.group_extents(a)) // t)
+        group = group * d + g
+        tile_lin = tile_lin * tiles_a + xl // t
+        in_tile = in_tile * t + xl % t
+        complete &= (xl // t) < (lg // t)
+        n_tiles *= tiles_a
+    tsize = math.prod(tile)
+    key = ((((~complete).long() * n_groups + group) * n_tiles + tile_lin) * tsize + in_tile)
+    order = torch.argsort(key, stable=True) + spec.prefix
+    glob = torch.cat([torch.arange(spec.prefix, device=device),
+                      torch.arange(spec.prefix + spec.num_spatial, spec.seq_len, device=device)])
+    return torch.cat([order, glob])
+
+
+def _block_info(spec: NASpec, perm: torch.Tensor, bs: int, tabs) -> dict:
+    """Per block of ``bs`` kernel positions: bounding boxes, window union/intersection, group, flags."""
+    N, n, dev = spec.seq_len, spec.num_spatial, perm.device
+    nb = -(-N // bs)
+    raw = torch.arange(nb * bs, device=dev)
+    valid = (raw < N).view(nb, bs)
+    tok = perm[raw.clamp_max(N - 1)] - spec.prefix
+    grid = (tok >= 0) & (tok < n)
+    tc = tok.clamp(0, n - 1)
+    gridv = grid.view(nb, bs)
+    info = {"any_global": ((~gridv) & valid).any(1), "has_grid": gridv.any(1)}
+    group = torch.zeros_like(tc)
+    kmin, kmax, umin, umax, ilo, ihi = [], [], [], [], [], []
+
+    def red(x, fill, op):
+        return getattr(torch.where(gridv, x.view(nb, bs), torch.full_like(x.view(nb, bs), fill)), op)(1)
+
+    for a, (g, xl, lo, hi) in enumerate(tabs):
+        st = math.prod(spec.shape[a + 1:])
+        x = (tc // st) % spec.shape[a]
+        group = group * spec.dilation[a] + g[x]
+        c, l_, h_ = xl[x], lo[x], hi[x]
+        kmin.append(red(c, _BIG, "amin"))
+        kmax.append(red(c, -_BIG, "amax"))
+        umin.append(red(l_, _BIG, "amin"))
+        umax.append(red(h_, -_BIG, "amax"))
+        ilo.append(red(l_, -_BIG, "amax"))
+        ihi.append(red(h_, _BIG, "amin"))
+    gmin, gmax = red(group, _BIG, "amin"), red(group, -_BIG, "amax")
+    vol = torch.ones(nb, dtype=torch.int64, device=dev)
+    for lo_, hi_ in zip(kmin, kmax):
+        vol = vol * (hi_ - lo_ + 1).clamp_min(0)
+    distinct = (gridv & valid).sum(1)
+    info.update(kmin=torch.stack(kmin, 1), kmax=torch.stack(kmax, 1), umin=torch.stack(umin, 1),
+                umax=torch.stack(umax, 1), ilo=torch.stack(ilo, 1), ihi=torch.stack(ihi, 1), gmin=gmin,
+                gmax=gmax, single=(gmin == gmax) & info["has_grid"],
+                box=(~info["any_global"]) & (gmin == gmax) & (vol == distinct) & info["has_grid"])
+    return info
+
+
+def classify_blocks(spec: NASpec, perm: torch.Tensor, block_size: Tuple[int, int],
+                    chunk_pairs: int = 1 << 22) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense bool (nQB, nKB) FULL and PARTIAL matrices in kernel order (exact; see module docstring)."""
+    bm, bn = block_size
+    dev = perm.device
+    tabs = [axis_windows(L, k, d, s, c, dev)
+            for L, k, d, s, c in zip(spec.shape, spec.kernel, spec.dilation, spec.stride, spec.causal)]
+    qi = _block_info(spec, perm, bm, tabs)
+    ki = qi if bn == bm else _block_info(spec, perm, bn, tabs)
+    nqb, nkb = qi["box"].numel(), ki["box"].numel()
+    full = torch.zeros(nqb, nkb, dtype=torch.bool, device=dev)
+    partial = torch.zeros_like(full)
+    unsure = []
+    rows = max(1, chunk_pairs // max(1, nkb * spec.ndim))
+    for r0 in range(0, nqb, rows):
+        q = {key: v[r0:r0 + rows].unsqueeze(1) for key, v in qi.items()}
+        k = {key: v.unsqueeze(0) for key, v in ki.items()}
+        overlap = q["has_grid"] & k["has_grid"] & (k["gmin"] <= q["gmax"]) & (k["gmax"] >= q["gmin"])
+        inside = q["single"] & k["single"] & (q["gmin"] == k["gmin"])
+        for a in range(spec.ndim):
+            kmn, kmx = k["kmin"][..., a], k["kmax"][..., a]
+            overlap = overlap & (kmn <= q["umax"][..., a]) & (kmx >= q["umin"][..., a])
+            inside = inside & (kmn >= q["ilo"][..., a]) & (kmx <= q["ihi"][..., a])
+        all_glob_q, all_glob_k = ~q["has_grid"], ~k["has_grid"]
+        cand = overlap | q["any_global"] | k["any_global"]
+        sure_full = all_glob_q | all_glob_k | inside
+        exact = q["box"] & k["box"]
+        full[r0:r0 + rows] = sure_full
+        partial[r0:r0 + rows] = cand & ~sure_full & exact
+        unsure.append((cand & ~sure_full & ~exact).nonzero() + torch.tensor([r0, 0], device=dev))
+    pairs = torch.cat(unsure)
+    if pairs.numel():
+        mm = make_mask_mod(spec, dev)
+        N = spec.seq_len
+        step = max(1, (1 << 22) // (bm * bn))
+        for e0 in range(0, pairs.shape[0], step):
+            qb, kb = pairs[e0:e0 + step].unbind(1)
+            qo = perm[(qb[:, None] * bm + torch.arange(bm, device=dev)).clamp_max(N - 1)]
+            ko = perm[(kb[:, None] * bn + torch.arange(bn, device=dev)).clamp_max(N - 1)]
+            m = mm(None, None, qo[:, :, None], ko[:, None, :]).flatten(1)
+            any_, all_ = m.any(1), m.all(1)
+            full[qb, kb] = all_
+            partial[qb, kb] = any_ & ~all_
+    return full, partial
+
+
+def _dense_to_lists(sel: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Bool (nQB, nKB) -> sorted index lists (1, 1, nQB, K) int32 and counts (1, 1, nQB) int32."""
+    counts = sel.sum(-1)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    nkb = sel.shape[-1]
+    ar = torch.arange(nkb, device=sel.device).expand_as(sel)
+    order = torch.where(sel, ar, ar + nkb).sort(-1).values[:, :width]
+    idx = torch.where(order < nkb, order, torch.zeros_like(order))
+    return idx.to(torch.int32)[None, None].contiguous(), counts.to(torch.int32)[None, None].contiguous()
+
+
+_CACHE: "OrderedDict[tuple, Tuple[BlockLayout, BlockLayout]]" = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def _build(spec: NASpec, block_size: Tuple[int, int], device: torch.device) -> Tuple[BlockLayout, BlockLayout]:
+    bm, bn = block_size
+    tile = choose_tile(spec, math.lcm(bm, bn))
+    perm = token_permutation(spec, tile, device)
+    full, partial = classify_blocks(spec, perm, block_size)
+    f_idx, f_cnt = _dense_to_lists(full)
+    p_idx, p_cnt = _dense_to_lists(partial)
+    mm = make_mask_mod(spec, device)
+    layout = BlockLayout.from_indices(f_idx, f_cnt, block_size=block_size, seq_lens=spec.seq_len,
+                                      partial_indices=p_idx, partial_counts=p_cnt, mask_mod=mm,
+                                      perm_q=perm, perm_k=perm)
+    layout._cache["tile"] = tile
+
+    def mm_kernel_order(b, h, q_idx, kv_idx):
+        return mm(b, h, perm[q_idx], perm[kv_idx])
+
+    # same lists, no permutation: for callers that already hold tokens in kernel order (nn modules)
+    korder = replace(layout, perm_q=None, perm_k=None, mask_mod=mm_kernel_order, _cache={"tile": tile})
+    return layout, korder
+
+
+def get_layout(spec: NASpec, block_size: Tuple[int, int], device, *, kernel_order: bool = False) -> BlockLayout:
+    """The cached layout for ``spec`` (built once per spec, block size and device; LRU of 64 entries).
+
+    ``kernel_order=True`` returns the same block lists without a permutation (inputs already permuted
+    with ``get_layout(...).perm_q``); its ``mask_mod`` takes kernel positions.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (spec, tuple(block_size), str(device))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+    else:
+        _CACHE[key] = _build(spec, tuple(block_size), device)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return _CACHE[key][1 if kernel_order else 0]
+
+
+def block_counts(spec: NASpec, block_size: Tuple[int, int], device=None) -> dict:
+    """Full / partial / empty block counts and the tile shape, without building mask tables.
+
+    Counts follow the layout contract (a ragged last key block is never FULL).
+    """
+    bm, bn = block_size
+    tile = choose_tile(spec, math.lcm(bm, bn))
+    perm = token_permutation(spec, tile, device)
+    full, partial = classify_blocks(spec, perm, block_size)
+    if spec.seq_len % bn:
+        partial[:, -1] |= full[:, -1]
+        full[:, -1] = False
+    total = full.numel()
+    f, p = int(full.sum()), int(partial.sum())
+    return {"full": f, "partial": p, "empty": total - f - p, "total": total, "density": (f + p) / total,
+            "block_m": bm, "block_n": bn, "tile": tile}
