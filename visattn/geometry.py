@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
 __all__ = ["TokenGeometry"]
@@ -20,6 +20,13 @@ class TokenGeometry:
     ``cfg_chunks``: the batch is this many equal chunks (e.g. 2 for batched [uncond, cond] CFG) whose
     images must never exchange information. ``step``/``timestep``/``num_steps``: denoising progress when
     known. ``layer``: the attention module's qualified name. ``is_cross``: keys come from another sequence.
+    ``base_grid``: the full-resolution grid of a multi-resolution model (optional; None = unknown).
+
+    ``seed``: a per-run integer the adapters derive from the run's initial noise (so it follows the pipeline's
+    ``generator``); None outside a denoising run. It does not take part in ``==``/``hash`` (layout caches
+    keyed on the geometry stay valid across runs); use :meth:`rng` for seeded sampling inside a method.
+    ``spans``: every grid span of the sequence as ``(start, grid)`` pairs when there are several (e.g. a
+    VLM prompt with two images); ``grid``/``spatial_start`` describe the first one.
     """
 
     batch: int
@@ -34,6 +41,11 @@ class TokenGeometry:
     num_steps: Optional[int] = None
     layer: str = ""
     is_cross: bool = False
+    seed: Optional[int] = field(default=None, compare=False)
+    spans: Tuple[Tuple[int, Tuple[int, ...]], ...] = ()
+    #: grid of the model's full-resolution token level (UNet: the latent grid), None when unknown or when the
+    #: model has a single resolution; lets a method find a layer's downsampling factor (AgentSD's full-res rule)
+    base_grid: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -64,6 +76,18 @@ class TokenGeometry:
     @property
     def spatial_slice(self) -> slice:
         return slice(self.num_prefix, self.num_prefix + self.num_spatial)
+
+    def rng(self, device=None, salt: int = 0):
+        """A ``torch.Generator`` on ``device`` seeded from (seed, step, layer, salt): the same pipeline
+        ``generator`` seed gives the same draws, different steps/layers give different ones."""
+        import hashlib
+
+        import torch
+
+        key = f"{self.seed}|{self.step}|{self.layer}|{salt}".encode()
+        g = torch.Generator(device=device if device is not None else "cpu")
+        g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1))
+        return g
 
     def with_(self, **changes) -> "TokenGeometry":
         """A copy with some fields changed."""

@@ -1,0 +1,139 @@
+"""timm adapter: instance-level ``forward`` on ``timm.layers.Attention`` (ViT family) and Swin ``WindowAttention``.
+
+Geometry: a forward pre-hook on the model reads the input image size and maps it through
+``patch_embed`` (``dynamic_feat_size`` when ``dynamic_img_size``, else ``grid_size``); ViT sequences are
+``[num_prefix_tokens (cls/registers)][grid, row-major]``. Swin attention runs per window: its grid is the
+module's ``window_size`` and the relative-position bias (+ shift mask) is passed as ``attn_mask``.
+``remove`` deletes the instance ``forward`` (the class method shows through again) and the hook.
+"""
+from __future__ import annotations
+
+import math
+import types
+from typing import Any, List, Optional
+
+import torch
+from timm.layers import Attention
+
+from ..methods.base import AttentionMethod
+from .base import Installed, LayerCtx, RunState, select
+
+__all__ = ["matches", "resolve", "plan", "install", "supported_classes"]
+
+
+def supported_classes() -> dict:
+    """Attention class -> our forward."""
+    table = {Attention: _vit_forward}
+    try:
+        from timm.models.swin_transformer import WindowAttention
+        table[WindowAttention] = _swin_forward
+    except ImportError:  # pragma: no cover
+        pass
+    return table
+
+
+def matches(target: Any) -> bool:
+    return isinstance(target, torch.nn.Module)
+
+
+def resolve(target: Any) -> List[torch.nn.Module]:
+    return [target]
+
+
+def _is_attention_like(mod: torch.nn.Module) -> bool:
+    """An attention module we do not support (so that selecting it errors instead of being skipped)."""
+    if "Attention" not in type(mod).__name__:
+        return False
+    return hasattr(mod, "qkv") or any(True for _ in mod.parameters(recurse=False))
+
+
+def plan(model: torch.nn.Module, layers) -> list:
+    table = supported_classes()
+    candidates, unsupported = [], []
+    for name, mod in model.named_modules():
+        fwd = table.get(type(mod))
+        if fwd is not None:
+            candidates.append((name, "self", (mod, fwd)))
+        elif _is_attention_like(mod):
+            unsupported.append((name, "self", type(mod).__name__))
+    desc = ", ".join(f"{c.__module__}.{c.__name__}" for c in table)
+    if not candidates and not unsupported:
+        raise TypeError(f"{type(model).__name__} has no timm attention modules visattn supports ({desc})")
+    return select(candidates, layers, model, unsupported, desc)
+
+
+def _vit_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    ctx: LayerCtx = self._visattn_ctx
+    B, N, C = x.shape
+    gate = self.gate(x).sigmoid() if self.gate is not None else None
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    if is_causal:
+        causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+        attn_mask = causal if attn_mask is None else attn_mask.masked_fill(~causal, float("-inf"))
+    st = ctx.state
+    grid = st.grid if st.grid is not None and st.spatial_start + math.prod(st.grid) == N else None
+    x = ctx.attend(q, k, v, ctx.geometry(q, k, grid=grid, spatial_start=st.spatial_start), attn_mask=attn_mask)
+    x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+    x = self.norm(x)
+    if gate is not None:
+        x = x * gate
+    x = self.proj(x)
+    return self.proj_drop(x)
+
+
+def _swin_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    ctx: LayerCtx = self._visattn_ctx
+    B_, N, C = x.shape
+    qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    attn_mask = self._get_rel_pos_bias()
+    if mask is not None:
+        num_win = mask.shape[0]
+        mask = mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, self.num_heads, -1, -1)
+        attn_mask = attn_mask + mask.reshape(-1, self.num_heads, N, N)
+    grid = tuple(self.window_size)
+    grid = grid if math.prod(grid) == N else None
+    x = ctx.attend(q, k, v, ctx.geometry(q, k, grid=grid), attn_mask=attn_mask)
+    x = x.transpose(1, 2).reshape(B_, N, -1)
+    x = self.proj(x)
+    return self.proj_drop(x)
+
+
+def _capture_hook(model: torch.nn.Module, state: RunState):
+    pe = getattr(model, "patch_embed", None)
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        state.grid, state.spatial_start = None, int(getattr(model, "num_prefix_tokens", 0) or 0)
+        if pe is not None and isinstance(x, torch.Tensor) and x.ndim == 4:
+            hw = tuple(x.shape[-2:])
+            if getattr(pe, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
+                state.grid = tuple(pe.dynamic_feat_size(hw))
+            elif getattr(pe, "grid_size", None) is not None:
+                state.grid = tuple(pe.grid_size)
+        return None
+
+    return hook
+
+
+def install(target: Any, model: torch.nn.Module, chosen: list, method: AttentionMethod, state: RunState) -> Installed:
+    inst = Installed()
+    try:
+        for name, kind, (mod, fwd) in chosen:
+            mod._visattn_ctx = LayerCtx(name, kind, method, state)
+            mod.forward = types.MethodType(fwd, mod)
+            inst.layers.append(name)
+
+            def undo(mod=mod) -> None:
+                mod.__dict__.pop("forward", None)
+                mod.__dict__.pop("_visattn_ctx", None)
+
+            inst.undo.append(undo)
+        h = model.register_forward_pre_hook(_capture_hook(model, state), with_kwargs=True)
+        inst.undo.append(h.remove)
+    except BaseException:
+        inst.remove()
+        raise
+    return inst
