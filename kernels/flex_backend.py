@@ -59,8 +59,9 @@ def layout_mask_mod(layout: BlockLayout) -> Callable:
         qb = torch.clamp(q_idx // bm, max=nqb - 1)
         kb = torch.clamp(kv_idx // bn, max=nkb - 1)
         m = ids[bb, hh, qb, kb]
-        word = table[torch.clamp(m, min=0), q_idx % bm, (kv_idx % bn) // 32]
-        bit = (word >> (kv_idx % 32)) & 1
+        col = kv_idx % bn
+        word = table[torch.clamp(m, min=0), q_idx % bm, col // 32]
+        bit = (word >> (col % 32)) & 1
         return ((m == -2) | ((m >= 0) & (bit == 1))) & (kv_idx < nk)
 
     return mask_mod
