@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Optional, Sequence, Tuple, Union
@@ -19,6 +20,9 @@ from ._na_mask import NASpec, make_mask_mod
 from .base import AttentionMethod, register_method
 
 __all__ = ["neighborhood_attention", "Neighborhood"]
+
+_log = logging.getLogger("visattn")
+_MAX_DENSE_WITH_MASK = 16384
 
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
@@ -141,7 +145,8 @@ class Neighborhood(AttentionMethod):
 
     Extra tokens (text in joint attention, CLS/register tokens) stay global. At grid levels smaller than
     the kernel (small UNet levels) the kernel is clipped to the extent, and dilation/stride to fit, so those
-    levels become dense. Calls without a grid, cross-attention and kv_len != seq_len run dense SDPA.
+    levels become dense. Calls without a grid, cross-attention and kv_len != seq_len run dense SDPA. A model
+    ``attn_mask`` (Swin's relative-position bias) is combined with the window on an exact dense path.
     """
 
     kernel_size: IntOrTuple = 13
@@ -179,12 +184,23 @@ class Neighborhood(AttentionMethod):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: TokenGeometry, *,
                scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if attn_mask is not None:
-            raise ValueError("Neighborhood cannot combine its window with a model attn_mask; apply it only to "
-                             "layers that pass none")
         spec = self.spec_for(geometry)
+        gqa = q.shape[1] != k.shape[1]
         if spec is None:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+            _log.debug("neighborhood: dense attention at layer %r (grid=%s, cross=%s)", geometry.layer,
+                       geometry.grid, geometry.is_cross)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
+        if attn_mask is not None:  # e.g. Swin's relative-position bias: exact dense path with both masks
+            if spec.seq_len > _MAX_DENSE_WITH_MASK:
+                raise ValueError(f"Neighborhood with a model attn_mask runs densely and supports at most "
+                                 f"{_MAX_DENSE_WITH_MASK} tokens, got {spec.seq_len}")
+            idx = torch.arange(spec.seq_len, device=q.device)
+            na = make_mask_mod(spec, q.device)(0, 0, idx[:, None], idx[None, :])
+            if attn_mask.dtype == torch.bool:
+                mask = attn_mask & na
+            else:
+                mask = attn_mask.to(q.dtype).masked_fill(~na, float("-inf"))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         if q.shape[2] != spec.seq_len:
             raise ValueError(f"geometry says {spec.seq_len} tokens but q has {q.shape[2]}")
         return _attend(q, k, v, spec, scale, self.backend, self.block_size)
@@ -194,7 +210,7 @@ class Neighborhood(AttentionMethod):
         if spec is None:
             return torch.ones(geometry.kv_len, dtype=torch.bool)
         mm = make_mask_mod(spec)
-        return mm(0, 0, torch.tensor([int(query_index)]), torch.arange(geometry.kv_len))[0]
+        return mm(0, 0, torch.tensor(int(query_index)), torch.arange(geometry.kv_len)).expand(geometry.kv_len)
 
     def layout_stats(self, geometry: TokenGeometry) -> Optional[dict]:
         spec = self.spec_for(geometry)
