@@ -33,79 +33,104 @@ try:  # triton is optional at import time (probe explains)
     import triton.language as tl
 
     _TRITON_ERR: Optional[str] = None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+    except Exception:  # older triton: no host-side tensor descriptors (pointer loads only)
+        _TensorDescriptor = None
 except Exception as e:  # pragma: no cover - depends on the install
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
     _TRITON_ERR = f"triton is not importable ({type(e).__name__}: {e})"
+    _TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# (kernel, block_m, block_n, d_pad, dtype) -> (num_warps, num_stages). Filled by benchmarks/tuning; any key
-# part may be None (wildcard). Lookups try exact keys first.
-CONFIG_OVERRIDES: Dict[Tuple, Tuple[int, int]] = {}
+# (kernel, block_m, block_n, d_pad, dtype) -> config dict (keys: TM, TN, num_warps, num_stages, and for
+# "fwd" tma). Set by benchmarks/tuning; any key part may be None (wildcard); exact keys are tried first.
+CONFIG_OVERRIDES: Dict[Tuple, dict] = {}
 
 
-def kernel_config(kernel: str, block_m: int, block_n: int, d_pad: int, dtype: torch.dtype) -> Tuple[int, int]:
-    """(num_warps, num_stages) for ``kernel`` in {"fwd", "bwd_dq", "bwd_dkdv"} (small table, measured on H100)."""
-    for key in ((kernel, block_m, block_n, d_pad, dtype), (kernel, block_m, block_n, d_pad, None),
-                (kernel, None, None, d_pad, None), (kernel, None, None, None, None)):
+def kernel_config(kernel: str, block_m: int, block_n: int, d_pad: int, dtype: torch.dtype) -> dict:
+    """Tile/launch config for ``kernel`` in {"fwd", "bwd_dq", "bwd_dkdv"}.
+
+    ``TM`` x ``TN`` is the tile one loop step computes (it divides the layout block: a 128x128 layout
+    block may run as 128x64 steps); ``num_warps`` / ``num_stages`` as in Triton; ``tma`` loads K/V
+    with tensor descriptors (Hopper copy engine). Defaults are the H100 table (benchmarks/results).
+    """
+    cfg = _default_config(kernel, block_m, block_n, d_pad, dtype)
+    for key in ((kernel, None, None, None, None), (kernel, None, None, d_pad, None),
+                (kernel, block_m, block_n, d_pad, None), (kernel, block_m, block_n, d_pad, dtype)):
         if key in CONFIG_OVERRIDES:
-            return CONFIG_OVERRIDES[key]
-    tile = block_m * block_n
+            cfg.update(CONFIG_OVERRIDES[key])
+    cfg["TM"] = min(cfg["TM"], block_m)
+    cfg["TN"] = min(cfg["TN"], block_n)
+    return cfg
+
+
+def _default_config(kernel: str, block_m: int, block_n: int, d_pad: int, dtype: torch.dtype) -> dict:
     if kernel == "fwd":
-        warps = 8 if tile >= 128 * 128 else 4
-        stages = 2 if d_pad >= 256 else 3
-        if tile <= 64 * 64:
-            stages = 3
-        return warps, stages
-    # backward kernels hold more live tiles: fewer stages
-    warps = 8 if tile >= 128 * 64 else 4
-    stages = 1 if d_pad >= 256 else 2
-    return warps, stages
+        tn = 64 if d_pad >= 256 else 128
+        tm = 128
+        big = min(tm, block_m) * min(tn, block_n) >= 128 * 64
+        return {"TM": tm, "TN": tn, "num_warps": 8 if big else 4, "num_stages": 2 if d_pad >= 256 else 3,
+                "tma": False}
+    if kernel == "bwd_dq":
+        return {"TM": 64, "TN": 64 if d_pad <= 128 else 32, "num_warps": 4, "num_stages": 2}
+    return {"TM": 64 if d_pad <= 128 else 32, "TN": 64, "num_warps": 4, "num_stages": 2}
 
 
 if triton is not None:
 
     @triton.jit
-    def _load_bits(MT, mid, offs_m_loc, offs_n_loc, MASK_WORDS: tl.constexpr, BLOCK_M: tl.constexpr,
+    def _load_bits(MT, mid, m_loc, n_loc, MASK_WORDS: tl.constexpr, BLOCK_M: tl.constexpr,
                    TRANSPOSED: tl.constexpr):
-        """Unpack mask_table[mid] to a bool tile: (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) if TRANSPOSED."""
+        """Unpack rows ``m_loc`` / columns ``n_loc`` of mask_table[mid] to a bool tile
+        (len(m_loc), len(n_loc)), or (len(n_loc), len(m_loc)) if TRANSPOSED."""
         base = MT + mid.to(tl.int64) * (BLOCK_M * MASK_WORDS)
         if TRANSPOSED:
-            words = tl.load(base + offs_m_loc[None, :] * MASK_WORDS + (offs_n_loc[:, None] // 32))
-            bits = (words >> (offs_n_loc[:, None] % 32)) & 1
+            words = tl.load(base + m_loc[None, :] * MASK_WORDS + (n_loc[:, None] // 32))
+            bits = (words >> (n_loc[:, None] % 32)) & 1
         else:
-            words = tl.load(base + offs_m_loc[:, None] * MASK_WORDS + (offs_n_loc[None, :] // 32))
-            bits = (words >> (offs_n_loc[None, :] % 32)) & 1
+            words = tl.load(base + m_loc[:, None] * MASK_WORDS + (n_loc[None, :] // 32))
+            bits = (words >> (n_loc[None, :] % 32)) & 1
         return bits != 0
 
     @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, K, V, k_base, v_base, skn, skd, svn, svd, IDX, MIDS, MT, cnt, Nk,
-                   qk_scale, offs_m_loc, offs_n, offs_d, dmask, PARTIAL: tl.constexpr, EVEN_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_WORDS: tl.constexpr,
-                   UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-        for j in range(cnt):
-            kb = tl.load(IDX + j)
-            cols = kb * BLOCK_N + offs_n
-            kp = K + k_base + cols[:, None] * skn + offs_d[None, :] * skd
-            vp = V + v_base + cols[:, None] * svn + offs_d[None, :] * svd
-            if PARTIAL:
-                lm = (cols < Nk)[:, None] & dmask[None, :]
-                k = tl.load(kp, mask=lm, other=0.0)
-                v = tl.load(vp, mask=lm, other=0.0)
-            elif EVEN_D:
-                k = tl.load(kp)
-                v = tl.load(vp)
+    def _load_tile(P, base, rows, srow, offs_d, sd, dmask, n_lim, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
+        """Load a (len(rows), D_PAD) tile; rows >= n_lim (when ROW_MASK) and padded head dims read 0."""
+        ptrs = P + base + rows[:, None] * srow + offs_d[None, :] * sd
+        if ROW_MASK:
+            return tl.load(ptrs, mask=(rows < n_lim)[:, None] & dmask[None, :], other=0.0)
+        elif EVEN_D:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=dmask[None, :], other=0.0)
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd, IDX, MIDS, MT,
+                   cnt, Nk, qk_scale, m_loc, offs_tn, offs_d, dmask, PARTIAL: tl.constexpr,
+                   EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TN: tl.constexpr,
+                   D_PAD: tl.constexpr, MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr,
+                   DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+        NSUB: tl.constexpr = BLOCK_N // TN
+        for t in range(cnt * NSUB):
+            kb = tl.load(IDX + t // NSUB)
+            n_loc = (t % NSUB) * TN + offs_tn
+            col0 = kb * BLOCK_N + (t % NSUB) * TN
+            if USE_TMA:  # out-of-range rows / head dims are zero-filled by the copy engine
+                k = KD.load([b, hk, col0, 0]).reshape([TN, D_PAD])
+                v = VD.load([b, hk, col0, 0]).reshape([TN, D_PAD])
             else:
-                k = tl.load(kp, mask=dmask[None, :], other=0.0)
-                v = tl.load(vp, mask=dmask[None, :], other=0.0)
+                cols = col0 + offs_tn
+                k = _load_tile(K, k_base, cols, skn, offs_d, skd, dmask, Nk, PARTIAL, EVEN_D)
+                v = _load_tile(V, v_base, cols, svn, offs_d, svd, dmask, Nk, PARTIAL, EVEN_D)
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             if PARTIAL:
-                keep = _load_bits(MT, tl.load(MIDS + j), offs_m_loc, offs_n, MASK_WORDS, BLOCK_M, False)
+                keep = _load_bits(MT, tl.load(MIDS + t // NSUB), m_loc, n_loc, MASK_WORDS, BLOCK_M, False)
                 s = tl.where(keep, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
@@ -120,82 +145,76 @@ if triton is not None:
         return acc, l_i, m_i
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE,
+    def _fwd_kernel(Q, K, V, KD, VD, O, LSE,
                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                     FC, FI, PC, PI, PM, MT, lay_sb, lay_sh, F_W, P_W,
                     H, GROUP, Nq, Nk, qk_scale,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                    STORE_LSE: tl.constexpr):
-        qb = tl.program_id(0)
+                    TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PREC: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr):
+        SPLIT: tl.constexpr = BLOCK_M // TM
+        pid = tl.program_id(0)
         bh = tl.program_id(1)
+        qb = pid // SPLIT
         b = bh // H
         h = bh % H
         hk = h // GROUP
         EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
-        offs_m_loc = tl.arange(0, BLOCK_M)
-        offs_m = qb * BLOCK_M + offs_m_loc
-        offs_n = tl.arange(0, BLOCK_N)
+        m_loc = (pid % SPLIT) * TM + tl.arange(0, TM)
+        offs_m = qb * BLOCK_M + m_loc
+        offs_tn = tl.arange(0, TN)
         offs_d = tl.arange(0, D_PAD)
         dmask = offs_d < HEAD_DIM
         mrow = offs_m < Nq
         q_base = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         k_base = b.to(tl.int64) * skb + hk.to(tl.int64) * skh
         v_base = b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-        q = tl.load(Q + q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=mrow[:, None] & dmask[None, :], other=0.0)
+        q = _load_tile(Q, q_base, offs_m, sqn, offs_d, sqd, dmask, Nq, True, EVEN_D)
         if UPCAST:
             q = q.to(tl.float32)
         row = b * lay_sb + h * lay_sh + qb
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        m_i = tl.full([TM], float("-inf"), tl.float32)
+        l_i = tl.zeros([TM], tl.float32)
+        acc = tl.zeros([TM, D_PAD], tl.float32)
         fc = tl.load(FC + row)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, k_base, v_base, skn, skd, svn, svd,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd,
                                    FI + row.to(tl.int64) * F_W, PM, MT, fc, Nk, qk_scale,
-                                   offs_m_loc, offs_n, offs_d, dmask, False, EVEN_D, BLOCK_M, BLOCK_N,
-                                   MASK_WORDS, UPCAST, DOT_PREC)
+                                   m_loc, offs_tn, offs_d, dmask, False, EVEN_D, BLOCK_M, BLOCK_N, TN, D_PAD,
+                                   MASK_WORDS, UPCAST, DOT_PREC, USE_TMA)
         pc = tl.load(PC + row)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, k_base, v_base, skn, skd, svn, svd,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd,
                                    PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT, pc, Nk,
-                                   qk_scale, offs_m_loc, offs_n, offs_d, dmask, True, EVEN_D, BLOCK_M,
-                                   BLOCK_N, MASK_WORDS, UPCAST, DOT_PREC)
+                                   qk_scale, m_loc, offs_tn, offs_d, dmask, True, EVEN_D, BLOCK_M, BLOCK_N, TN,
+                                   D_PAD, MASK_WORDS, UPCAST, DOT_PREC, USE_TMA)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         o_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh
         tl.store(O + o_base + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
                  mask=mrow[:, None] & dmask[None, :])
         if STORE_LSE:
-            lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+            lse = tl.where(empty, float("-inf"),
+                           (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
             tl.store(LSE + bh.to(tl.int64) * Nq + offs_m, lse, mask=mrow)
 
     @triton.jit
     def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, skn, skd, svn, svd, IDX, MIDS, MT, cnt,
-                      Nk, qk_scale, offs_m_loc, offs_n, offs_d, dmask, PARTIAL: tl.constexpr,
-                      EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      Nk, qk_scale, m_loc, offs_tn, offs_d, dmask, PARTIAL: tl.constexpr,
+                      EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TN: tl.constexpr,
                       MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-        for j in range(cnt):
-            kb = tl.load(IDX + j)
-            cols = kb * BLOCK_N + offs_n
-            kp = K + k_base + cols[:, None] * skn + offs_d[None, :] * skd
-            vp = V + v_base + cols[:, None] * svn + offs_d[None, :] * svd
-            if PARTIAL:
-                lm = (cols < Nk)[:, None] & dmask[None, :]
-                k = tl.load(kp, mask=lm, other=0.0)
-                v = tl.load(vp, mask=lm, other=0.0)
-            elif EVEN_D:
-                k = tl.load(kp)
-                v = tl.load(vp)
-            else:
-                k = tl.load(kp, mask=dmask[None, :], other=0.0)
-                v = tl.load(vp, mask=dmask[None, :], other=0.0)
+        NSUB: tl.constexpr = BLOCK_N // TN
+        for t in range(cnt * NSUB):
+            kb = tl.load(IDX + t // NSUB)
+            n_loc = (t % NSUB) * TN + offs_tn
+            cols = kb * BLOCK_N + n_loc
+            k = _load_tile(K, k_base, cols, skn, offs_d, skd, dmask, Nk, PARTIAL, EVEN_D)
+            v = _load_tile(V, v_base, cols, svn, offs_d, svd, dmask, Nk, PARTIAL, EVEN_D)
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             p = tl.math.exp2(s * qk_scale - lse2[:, None])
             if PARTIAL:
-                keep = _load_bits(MT, tl.load(MIDS + j), offs_m_loc, offs_n, MASK_WORDS, BLOCK_M, False)
+                keep = _load_bits(MT, tl.load(MIDS + t // NSUB), m_loc, n_loc, MASK_WORDS, BLOCK_M, False)
                 p = tl.where(keep, p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
@@ -209,27 +228,27 @@ if triton is not None:
                        FC, FI, PC, PI, PM, MT, lay_sb, lay_sh, F_W, P_W,
                        H, GROUP, Nq, Nk, qk_scale, sm_scale,
                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr,
-                       DOT_PREC: tl.constexpr, HAS_DLSE: tl.constexpr):
-        qb = tl.program_id(0)
+                       BLOCK_N: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr,
+                       UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DLSE: tl.constexpr):
+        SPLIT: tl.constexpr = BLOCK_M // TM
+        pid = tl.program_id(0)
         bh = tl.program_id(1)
+        qb = pid // SPLIT
         b = bh // H
         h = bh % H
         hk = h // GROUP
         EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
-        offs_m_loc = tl.arange(0, BLOCK_M)
-        offs_m = qb * BLOCK_M + offs_m_loc
-        offs_n = tl.arange(0, BLOCK_N)
+        m_loc = (pid % SPLIT) * TM + tl.arange(0, TM)
+        offs_m = qb * BLOCK_M + m_loc
+        offs_tn = tl.arange(0, TN)
         offs_d = tl.arange(0, D_PAD)
         dmask = offs_d < HEAD_DIM
         mrow = offs_m < Nq
-        lm = mrow[:, None] & dmask[None, :]
         bl = b.to(tl.int64)
         hl = h.to(tl.int64)
-        q = tl.load(Q + bl * sqb + hl * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=lm, other=0.0)
-        do = tl.load(DO + bl * sdob + hl * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=lm,
-                     other=0.0)
-        o = tl.load(O + bl * sob + hl * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=lm, other=0.0)
+        q = _load_tile(Q, bl * sqb + hl * sqh, offs_m, sqn, offs_d, sqd, dmask, Nq, True, EVEN_D)
+        do = _load_tile(DO, bl * sdob + hl * sdoh, offs_m, sdon, offs_d, sdod, dmask, Nq, True, EVEN_D)
+        o = _load_tile(O, bl * sob + hl * soh, offs_m, son, offs_d, sod, dmask, Nq, True, EVEN_D)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         if HAS_DLSE:
             delta -= tl.load(DLSE + bh.to(tl.int64) * Nq + offs_m, mask=mrow, other=0.0)
@@ -242,42 +261,43 @@ if triton is not None:
         k_base = bl * skb + hk.to(tl.int64) * skh
         v_base = bl * svb + hk.to(tl.int64) * svh
         row = b * lay_sb + h * lay_sh + qb
-        dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        dq = tl.zeros([TM, D_PAD], tl.float32)
         fc = tl.load(FC + row)
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, skn, skd, svn, svd,
-                           FI + row.to(tl.int64) * F_W, PM, MT, fc, Nk, qk_scale, offs_m_loc, offs_n, offs_d,
-                           dmask, False, EVEN_D, BLOCK_M, BLOCK_N, MASK_WORDS, UPCAST, DOT_PREC)
+                           FI + row.to(tl.int64) * F_W, PM, MT, fc, Nk, qk_scale, m_loc, offs_tn, offs_d,
+                           dmask, False, EVEN_D, BLOCK_M, BLOCK_N, TN, MASK_WORDS, UPCAST, DOT_PREC)
         pc = tl.load(PC + row)
         dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, skn, skd, svn, svd,
                            PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT, pc, Nk, qk_scale,
-                           offs_m_loc, offs_n, offs_d, dmask, True, EVEN_D, BLOCK_M, BLOCK_N, MASK_WORDS,
+                           m_loc, offs_tn, offs_d, dmask, True, EVEN_D, BLOCK_M, BLOCK_N, TN, MASK_WORDS,
                            UPCAST, DOT_PREC)
         dq = dq * sm_scale
         tl.store(DQ + bl * sdqb + hl * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
-                 dq.to(DQ.dtype.element_ty), mask=lm)
+                 dq.to(DQ.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
 
     @triton.jit
     def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, sqn, sqd, sdon, sdod,
-                        IDX, MIDS, MT, cnt, Nq, qk_scale, offs_m0, offs_n_loc, offs_d, dmask,
-                        PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        IDX, MIDS, MT, cnt, Nq, qk_scale, offs_tm, n_loc, offs_d, dmask,
+                        PARTIAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, TM: tl.constexpr,
                         MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-        for j in range(cnt):
-            qb = tl.load(IDX + j)
-            offs_m = qb * BLOCK_M + offs_m0
+        NSUB: tl.constexpr = BLOCK_M // TM
+        for t in range(cnt * NSUB):
+            qb = tl.load(IDX + t // NSUB)
+            m_loc = (t % NSUB) * TM + offs_tm
+            offs_m = qb * BLOCK_M + m_loc
             mrow = offs_m < Nq
-            lm = mrow[:, None] & dmask[None, :]
-            q = tl.load(Q + q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=lm, other=0.0)
-            do = tl.load(DO + do_base + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=lm, other=0.0)
+            q = _load_tile(Q, q_base, offs_m, sqn, offs_d, sqd, dmask, Nq, True, EVEN_D)
+            do = _load_tile(DO, do_base, offs_m, sdon, offs_d, sdod, dmask, Nq, True, EVEN_D)
             lse = tl.load(LSE + stat_base + offs_m, mask=mrow, other=float("inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             delta = tl.load(DELTA + stat_base + offs_m, mask=mrow, other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (TN, TM)
             pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
             if PARTIAL:
-                keep = _load_bits(MT, tl.load(MIDS + j), offs_m0, offs_n_loc, MASK_WORDS, BLOCK_M, True)
+                keep = _load_bits(MT, tl.load(MIDS + t // NSUB), m_loc, n_loc, MASK_WORDS, BLOCK_M, True)
                 pT = tl.where(keep, pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -292,27 +312,29 @@ if triton is not None:
                          FC, FI, PC, PI, PM, MT, lay_sb, lay_sh, F_W, P_W,
                          H, HKV, GROUP, Nq, Nk, qk_scale, sm_scale,
                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
-        kb = tl.program_id(0)
+                         BLOCK_N: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr,
+                         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        SPLIT: tl.constexpr = BLOCK_N // TN
+        pid = tl.program_id(0)
         bhk = tl.program_id(1)
+        kb = pid // SPLIT
         b = bhk // HKV
         hk = bhk % HKV
-        offs_m0 = tl.arange(0, BLOCK_M)
-        offs_n_loc = tl.arange(0, BLOCK_N)
-        cols = kb * BLOCK_N + offs_n_loc
+        EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
+        offs_tm = tl.arange(0, TM)
+        n_loc = (pid % SPLIT) * TN + tl.arange(0, TN)
+        cols = kb * BLOCK_N + n_loc
         offs_d = tl.arange(0, D_PAD)
         dmask = offs_d < HEAD_DIM
-        km = (cols < Nk)[:, None] & dmask[None, :]
         bl = b.to(tl.int64)
         hkl = hk.to(tl.int64)
-        k = tl.load(K + bl * skb + hkl * skh + cols[:, None] * skn + offs_d[None, :] * skd, mask=km, other=0.0)
-        v = tl.load(V + bl * svb + hkl * svh + cols[:, None] * svn + offs_d[None, :] * svd, mask=km, other=0.0)
+        k = _load_tile(K, bl * skb + hkl * skh, cols, skn, offs_d, skd, dmask, Nk, True, EVEN_D)
+        v = _load_tile(V, bl * svb + hkl * svh, cols, svn, offs_d, svd, dmask, Nk, True, EVEN_D)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        dk = tl.zeros([TN, D_PAD], tl.float32)
+        dv = tl.zeros([TN, D_PAD], tl.float32)
         for g in range(GROUP):
             h = hk * GROUP + g
             hl = h.to(tl.int64)
@@ -323,14 +345,15 @@ if triton is not None:
             fc = tl.load(FC + row)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, sqn, sqd,
                                      sdon, sdod, FI + row.to(tl.int64) * F_W, PM, MT, fc, Nq, qk_scale,
-                                     offs_m0, offs_n_loc, offs_d, dmask, False, BLOCK_M, BLOCK_N, MASK_WORDS,
+                                     offs_tm, n_loc, offs_d, dmask, False, EVEN_D, BLOCK_M, TM, MASK_WORDS,
                                      UPCAST, DOT_PREC)
             pc = tl.load(PC + row)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, sqn, sqd,
                                      sdon, sdod, PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT,
-                                     pc, Nq, qk_scale, offs_m0, offs_n_loc, offs_d, dmask, True, BLOCK_M,
-                                     BLOCK_N, MASK_WORDS, UPCAST, DOT_PREC)
+                                     pc, Nq, qk_scale, offs_tm, n_loc, offs_d, dmask, True, EVEN_D, BLOCK_M,
+                                     TM, MASK_WORDS, UPCAST, DOT_PREC)
         dk = dk * sm_scale
+        km = (cols < Nk)[:, None] & dmask[None, :]
         tl.store(DK + bl * sdkb + hkl * sdkh + cols[:, None] * sdkn + offs_d[None, :] * sdkd,
                  dk.to(DK.dtype.element_ty), mask=km)
         tl.store(DV + bl * sdvb + hkl * sdvh + cols[:, None] * sdvn + offs_d[None, :] * sdvd,
@@ -361,11 +384,17 @@ def _common_consts(q: torch.Tensor, layout: BlockLayout) -> dict:
                 DOT_PREC=_dot_prec(q.dtype))
 
 
-def _launch_opts(kernel: str, consts: dict, dtype: torch.dtype) -> dict:
-    if INTERPRET:
-        return {}
-    w, s = kernel_config(kernel, consts["BLOCK_M"], consts["BLOCK_N"], consts["D_PAD"], dtype)
-    return {"num_warps": w, "num_stages": s}
+def _launch(kernel: str, c: dict, dtype: torch.dtype) -> Tuple[dict, dict]:
+    """(constexpr tile args, launch options) for one kernel."""
+    cfg = kernel_config(kernel, c["BLOCK_M"], c["BLOCK_N"], c["D_PAD"], dtype)
+    opts = {} if INTERPRET else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    return cfg, opts
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    es = t.element_size()
+    return (_TensorDescriptor is not None and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((st * es) % 16 == 0 for st in t.stride()[:-1]))
 
 
 def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool):
@@ -376,13 +405,22 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool):
     nqb = layout.num_q_blocks
     lay_sb, lay_sh = _row_strides(layout, nqb)
     c = _common_consts(q, layout)
-    grid = (nqb, B * H)
+    cfg, opts = _launch("fwd", c, q.dtype)
+    use_tma = bool(cfg.get("tma")) and _tma_ok(k) and _tma_ok(v)
+    if use_tma:
+        blk = [1, 1, cfg["TN"], c["D_PAD"]]
+        kd = _TensorDescriptor(k, list(k.shape), list(k.stride()), blk)
+        vd = _TensorDescriptor(v, list(v.shape), list(v.stride()), blk)
+    else:
+        kd, vd = k, v
+    grid = (nqb * (c["BLOCK_M"] // cfg["TM"]), B * H)
     _fwd_kernel[grid](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q, k, v, kd, vd, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         layout.full_counts, layout.full_indices, layout.partial_counts, layout.partial_indices,
         layout.partial_mask_ids, layout.mask_table, lay_sb, lay_sh,
         layout.full_indices.shape[-1], layout.partial_indices.shape[-1],
-        H, H // Hkv, Nq, Nk, scale * LOG2E, STORE_LSE=need_lse, **c, **_launch_opts("fwd", c, q.dtype))
+        H, H // Hkv, Nq, Nk, scale * LOG2E, TM=cfg["TM"], TN=cfg["TN"], STORE_LSE=need_lse, USE_TMA=use_tma,
+        **c, **opts)
     return o, (lse if need_lse else None)
 
 
@@ -398,22 +436,23 @@ def _backward(do, q, k, v, o, lse, dlse, layout: BlockLayout, scale: float):
     lay_sb, lay_sh = _row_strides(layout, nqb)
     has_dlse = dlse is not None
     dlse_arg = dlse.contiguous() if has_dlse else delta
-    _bwd_dq_kernel[(nqb, B * H)](
+    cfg, opts = _launch("bwd_dq", c, q.dtype)
+    _bwd_dq_kernel[(nqb * (c["BLOCK_M"] // cfg["TM"]), B * H)](
         q, k, v, o, do, dq, lse, dlse_arg, delta,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         layout.full_counts, layout.full_indices, layout.partial_counts, layout.partial_indices,
         layout.partial_mask_ids, layout.mask_table, lay_sb, lay_sh,
         layout.full_indices.shape[-1], layout.partial_indices.shape[-1],
-        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, HAS_DLSE=has_dlse, **c,
-        **_launch_opts("bwd_dq", c, q.dtype))
+        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, TM=cfg["TM"], TN=cfg["TN"], HAS_DLSE=has_dlse, **c, **opts)
     t = layout.transposed()
     tsb, tsh = _row_strides(layout, nkb)
-    _bwd_dkdv_kernel[(nkb, B * Hkv)](
+    cfg, opts = _launch("bwd_dkdv", c, q.dtype)
+    _bwd_dkdv_kernel[(nkb * (c["BLOCK_N"] // cfg["TN"]), B * Hkv)](
         q, k, v, do, dk, dv, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         t["full_counts"], t["full_indices"], t["partial_counts"], t["partial_indices"], t["partial_mask_ids"],
         layout.mask_table, tsb, tsh, t["full_indices"].shape[-1], t["partial_indices"].shape[-1],
-        H, Hkv, H // Hkv, Nq, Nk, scale * LOG2E, scale, **c, **_launch_opts("bwd_dkdv", c, q.dtype))
+        H, Hkv, H // Hkv, Nq, Nk, scale * LOG2E, scale, TM=cfg["TM"], TN=cfg["TN"], **c, **opts)
     return dq, dk, dv
 
 
