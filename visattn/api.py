@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
 from .adapters import find_adapter
 from .adapters.base import LayerSpec, RunState
+from .geometry import TokenGeometry
 from .methods.base import AttentionMethod, get_method
 
 __all__ = ["apply", "remove", "Handle", "active_handle"]
@@ -27,6 +28,10 @@ class Handle:
     def layers(self) -> List[str]:
         """Qualified names of the attention modules the method drives."""
         return [n for _, inst in self._installs for n in inst.layers]
+
+    def geometries(self) -> Dict[str, Optional[TokenGeometry]]:
+        """Layer name -> the TokenGeometry of its latest attention call (None before the first call)."""
+        return {c.name: c.last_geometry for _, inst in self._installs for c in inst.contexts}
 
     @property
     def active(self) -> bool:

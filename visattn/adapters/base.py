@@ -36,6 +36,7 @@ class RunState:
     latent_hw: Optional[Tuple[int, int]] = None  # UNet: sample H, W (levels via TokenGeometry.grid_for_level)
     spatial_start: int = 0                       # timm / VLM: index of the first grid token
     spans: Tuple[Tuple[int, Tuple[int, ...]], ...] = ()
+    seq_len: Optional[int] = None                # VLM: length of the captured input_ids
     step: Optional[int] = None
     timestep: Optional[float] = None
     num_steps: Optional[int] = None
@@ -95,6 +96,7 @@ class LayerCtx:
     kind: str  # "self" | "cross"
     method: AttentionMethod
     state: RunState
+    last_geometry: Optional[TokenGeometry] = None  # the geometry of this layer's latest call (stats, CLI)
 
     def geometry(self, q: torch.Tensor, k: torch.Tensor, *, grid: Optional[Tuple[int, ...]] = None,
                  spatial_start: int = 0, spans: Tuple = (), base_grid: Optional[Tuple[int, ...]] = None
@@ -106,6 +108,7 @@ class LayerCtx:
                              is_cross=self.kind == "cross", seed=s.seed, spans=spans, base_grid=base_grid)
 
     def attend(self, q, k, v, geometry: TokenGeometry, scale=None, attn_mask=None) -> torch.Tensor:
+        self.last_geometry = geometry
         out = self.method(q, k, v, geometry, scale=scale, attn_mask=attn_mask)
         if out.shape != q.shape[:-1] + (v.shape[-1],):
             raise ValueError(f"method {type(self.method).__name__} returned {tuple(out.shape)} for "
@@ -157,6 +160,7 @@ class Installed:
     """What one adapter installed: layer names and undo callbacks (run in reverse order)."""
 
     layers: List[str] = field(default_factory=list)
+    contexts: List[LayerCtx] = field(default_factory=list)
     undo: List[Callable[[], None]] = field(default_factory=list)
 
     def remove(self) -> None:

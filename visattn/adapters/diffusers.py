@@ -216,8 +216,10 @@ def install(target: Any, model: torch.nn.Module, chosen: list, method: Attention
     inst = Installed()
     try:
         for name, kind, (mod, stock, ours) in chosen:
-            mod.set_processor(ours(LayerCtx(name, kind, method, state), stock))
+            ctx = LayerCtx(name, kind, method, state)
+            mod.set_processor(ours(ctx, stock))
             inst.layers.append(name)
+            inst.contexts.append(ctx)
             inst.undo.append(lambda mod=mod, stock=stock: mod.set_processor(stock))
         _install_hook(model, state, inst)
         if isinstance(target, DiffusionPipeline):

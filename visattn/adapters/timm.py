@@ -54,8 +54,8 @@ def plan(model: torch.nn.Module, layers) -> list:
         fwd = table.get(type(mod))
         if fwd is not None:
             candidates.append((name, "self", (mod, fwd)))
-        elif _is_attention_like(mod):
-            unsupported.append((name, "self", type(mod).__name__))
+        elif _is_attention_like(mod):  # latent-query pooling attends to the tokens: counted as "cross"
+            unsupported.append((name, "cross" if "Pool" in type(mod).__name__ else "self", type(mod).__name__))
     desc = ", ".join(f"{c.__module__}.{c.__name__}" for c in table)
     if not candidates and not unsupported:
         raise TypeError(f"{type(model).__name__} has no timm attention modules visattn supports ({desc})")
@@ -122,9 +122,10 @@ def install(target: Any, model: torch.nn.Module, chosen: list, method: Attention
     inst = Installed()
     try:
         for name, kind, (mod, fwd) in chosen:
-            mod._visattn_ctx = LayerCtx(name, kind, method, state)
+            mod._visattn_ctx = ctx = LayerCtx(name, kind, method, state)
             mod.forward = types.MethodType(fwd, mod)
             inst.layers.append(name)
+            inst.contexts.append(ctx)
 
             def undo(mod=mod) -> None:
                 mod.__dict__.pop("forward", None)
