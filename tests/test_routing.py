@@ -175,3 +175,17 @@ def test_triton_interpreter_tiny():
     out = bra(q, k, v, spatial_shape=(8, 8), num_regions=2, topk=2, backend="triton")
     ref = bra(q, k, v, spatial_shape=(8, 8), num_regions=2, topk=2, backend="sdpa")
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_direct_aligned_layout_equals_generic_construction():
+    grid = core.make_region_grid((16, 32), 4)  # regions of 4x8 = 32 tokens, block 16 -> 2 blocks per region
+    order = core.token_order(grid, 0, 512, "cpu")
+    routing = core.compute_routing(*qkv(2, 1, 512, 4)[:2], grid, 5, scale=1.0)
+    fast = core.build_layout(routing, order, 16, 16, mask_padding=False)
+    kmask = core.dense_mask(routing, order, 16, mask_padding=False)[:, :, order.perm][:, :, :, order.perm]
+    generic = core.BlockLayout.from_block_mask(kmask.view(2, 1, 32, 16, 32, 16).any(-1).any(-2),
+                                               block_size=16, seq_lens=512, perm_q=order.perm, perm_k=order.perm)
+    assert fast.stats()["partial"] == 0 and fast.stats()["full"] == 2 * 32 * 10
+    for name in ("full_counts", "full_indices", "partial_counts"):
+        assert torch.equal(getattr(fast, name), getattr(generic, name)), name
+    assert torch.equal(fast.to_dense(), core.dense_mask(routing, order, 16, mask_padding=False))

@@ -184,6 +184,7 @@ class TokenOrder:
     pad_w: torch.Tensor         # (Nw,) bool: working index is a padding cell
     num_tokens: int             # N (original)
     num_work: int               # N + P
+    num_grid: int               # padded grid tokens (S*S regions of rh*rw)
 
 
 @lru_cache(maxsize=64)
@@ -208,7 +209,7 @@ def _token_order_cpu(h: int, w: int, s: int, spatial_start: int, seq_len: int) -
     group_w[perm] = group_k
     pad_w = torch.zeros(n + p, dtype=torch.bool)
     pad_w[n:] = True
-    return TokenOrder(perm, group_k, group_w, pad_w, n, n + p)
+    return TokenOrder(perm, group_k, group_w, pad_w, n, n + p, hp * wp)
 
 
 _ORDER_DEV_CACHE: dict = {}
@@ -220,7 +221,7 @@ def token_order(grid: RegionGrid, spatial_start: int, seq_len: int, device) -> T
     if key not in _ORDER_DEV_CACHE:
         o = _token_order_cpu(grid.height, grid.width, grid.num_regions, spatial_start, seq_len)
         _ORDER_DEV_CACHE[key] = TokenOrder(*(t.to(device) for t in (o.perm, o.group_k, o.group_w, o.pad_w)),
-                                           o.num_tokens, o.num_work)
+                                           o.num_tokens, o.num_work, o.num_grid)
         if len(_ORDER_DEV_CACHE) > 64:
             _ORDER_DEV_CACHE.pop(next(iter(_ORDER_DEV_CACHE)))
     return _ORDER_DEV_CACHE[key]
@@ -301,9 +302,15 @@ def build_layout(routing: torch.Tensor, order: TokenOrder, num_groups: int, bloc
 
     Blocks are classified from per-block group counts: kept(qb, kb) = sum_a,c cq[qb,a] allow[a,c] ck[kb,c];
     FULL when every element is kept, EMPTY when none is, PARTIAL otherwise (element mask from ``mask_mod``).
+    When the block divides the region size, no extra tokens exist and no padding is masked, the lists are
+    built directly (no host synchronisation): query block i of region a visits the blocks of a's routed regions.
     """
     dev = routing.device
     B = routing.shape[0]
+    r = order.num_grid // num_groups
+    if (order.num_grid == order.num_work and r % block == 0
+            and not (mask_padding and order.num_work > order.num_tokens)):
+        return _aligned_layout(routing, order, r // block, block)
     G = num_groups + 1
     nw = order.num_work
     nb = math.ceil(nw / block)
@@ -338,6 +345,21 @@ def build_layout(routing: torch.Tensor, order: TokenOrder, num_groups: int, bloc
                                     partial_indices=p_idx if has_partial else None,
                                     partial_counts=p_cnt if has_partial else None, mask_mod=mask_mod,
                                     perm_q=order.perm, perm_k=order.perm)
+
+
+def _aligned_layout(routing: torch.Tensor, order: TokenOrder, bpr: int, block: int) -> BlockLayout:
+    """All-FULL layout: region a (blocks a*bpr .. a*bpr+bpr-1) visits the blocks of its routed regions."""
+    dev = routing.device
+    B, R, topk = routing.shape
+    ar = torch.arange(bpr, device=dev)
+    kb = (routing.sort(-1).values.unsqueeze(-1) * bpr + ar).reshape(B, R, topk * bpr)  # sorted ascending
+    f_idx = kb.repeat_interleave(bpr, dim=1).unsqueeze(1).to(torch.int32).contiguous()  # (B, 1, R*bpr, topk*bpr)
+    f_cnt = torch.full((B, 1, R * bpr), topk * bpr, dtype=torch.int32, device=dev)
+    zeros = torch.zeros(B, 1, R * bpr, 1, dtype=torch.int32, device=dev)
+    table = torch.zeros(1, block, (block + 31) // 32, dtype=torch.int32, device=dev)
+    nw = order.num_work
+    return BlockLayout(nw, nw, block, block, f_cnt, f_idx, torch.zeros(B, 1, R * bpr, dtype=torch.int32, device=dev),
+                       zeros, zeros.clone(), table, order.perm, order.perm, None)
 
 
 def _lists(sel: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
