@@ -80,9 +80,15 @@ def to_flex_block_mask(layout: BlockLayout):
         out[..., :w] = idx[..., :w]
         return out.contiguous()
 
+    if layout.device.type == "cuda" and int(layout.partial_counts.sum()) == 0:
+        # compiled flex never calls mask_mod on FULL blocks: share one function so that layouts of the
+        # same shape reuse the compiled kernel (a per-layout closure would recompile each time)
+        mask_mod = fa.noop_mask
+    else:  # eager (CPU) flex applies mask_mod to every element: give the exact predicate
+        mask_mod = layout_mask_mod(layout)
     args = dict(kv_num_blocks=layout.partial_counts.contiguous(), kv_indices=pad(layout.partial_indices),
                 full_kv_num_blocks=layout.full_counts.contiguous(), full_kv_indices=pad(layout.full_indices),
-                BLOCK_SIZE=(layout.block_m, layout.block_n), mask_mod=layout_mask_mod(layout))
+                BLOCK_SIZE=(layout.block_m, layout.block_n), mask_mod=mask_mod)
     try:
         bm = fa.BlockMask.from_kv_blocks(**args, seq_lengths=(layout.seq_len_q, layout.seq_len_k))
     except TypeError:  # older torch without seq_lengths
