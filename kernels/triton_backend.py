@@ -365,10 +365,11 @@ def _next_pow2(x: int) -> int:
     return 1 << (max(int(x), 1) - 1).bit_length()
 
 
-def _dot_prec(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not (torch.backends.cuda.matmul.allow_tf32 and not INTERPRET):
-        return "ieee"
-    return "tf32"
+def _dot_prec(dtype: torch.dtype) -> Optional[str]:
+    """fp32 dots: exact ("ieee") unless torch allows tf32 matmuls; half types: Triton's default."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if (torch.backends.cuda.matmul.allow_tf32 and not INTERPRET) else "ieee"
 
 
 def _row_strides(layout: BlockLayout, n_rows: int) -> Tuple[int, int]:
