@@ -215,3 +215,16 @@ def test_apply_wan_video_3d():
         with visattn.apply(model, m):
             model(**inp)
     assert m.checked and all(len(c[1]) == 3 for c in m.checked)
+
+
+def test_presets_are_valid():
+    from visattn.methods.neighborhood import PRESETS
+    for name in PRESETS:
+        m = Neighborhood.preset(name)
+        nd = len(m.kernel_size) if isinstance(m.kernel_size, tuple) else 2
+        grid = (30, 48, 80) if nd == 3 else (128, 128)
+        geo = TokenGeometry(batch=1, heads=1, seq_len=math.prod(grid), kv_len=math.prod(grid), grid=grid)
+        assert m.spec_for(geo) is not None
+    assert Neighborhood.preset("flux", stride=1).stride == 1
+    with pytest.raises(ValueError, match="known presets"):
+        Neighborhood.preset("nope")

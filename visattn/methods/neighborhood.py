@@ -149,7 +149,7 @@ class Neighborhood(AttentionMethod):
     ``attn_mask`` (Swin's relative-position bias) is combined with the window on an exact dense path.
     """
 
-    kernel_size: IntOrTuple = 13
+    kernel_size: IntOrTuple = 32
     dilation: IntOrTuple = 1
     stride: IntOrTuple = 1
     is_causal: BoolOrTuple = False
@@ -173,6 +173,13 @@ class Neighborhood(AttentionMethod):
                 raise ValueError(f"{name} must be >= 1, got {val!r}")
         if isinstance(self.is_causal, list):
             self.is_causal = tuple(self.is_causal)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Neighborhood":
+        """A documented starting point per model family (``PRESETS``; see docs/methods/neighborhood.md)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def spec_for(self, geometry: TokenGeometry) -> Optional[NASpec]:
         """The clipped problem for this geometry, or None when the call runs dense."""
@@ -218,3 +225,17 @@ class Neighborhood(AttentionMethod):
             return None
         bs = self.block_size or (128, 128)
         return block_counts(spec, (bs, bs) if isinstance(bs, int) else tuple(bs))
+
+
+#: Starting points per model family (training-free use; not quality-measured here, see the docs).
+PRESETS = {
+    "sd15": dict(kernel_size=32),                      # SD 1.x/2.x UNet at 512 px: 64x64 level windowed, rest dense
+    "sd15-hires": dict(kernel_size=64),                # SD 1.x beyond 512 px: the training-size window
+    "sdxl": dict(kernel_size=32),                      # SDXL at 1024 px: 64x64 and 32x32 levels
+    "sdxl-hires": dict(kernel_size=64),
+    "flux": dict(kernel_size=32, stride=8),            # Flux / SD3 at 1024 px: 64x64 tokens, text global
+    "flux-2k": dict(kernel_size=64, stride=16),        # 2048 px: 128x128 tokens
+    "flux-4k": dict(kernel_size=80, stride=16),        # 4096 px: 256x256 tokens (the GNA paper's setting)
+    "hunyuan-video": dict(kernel_size=(18, 24, 24), stride=(16, 8, 8)),  # 30x48x80 latent video tokens
+    "vit": dict(kernel_size=7),                        # timm ViT/EVA for fine-tuning experiments (no speed-up)
+}
