@@ -50,13 +50,18 @@ def spec_reference(q, k, v, hw, S, topk, *, scale=None, mask_padding=False, pref
         routing = torch.tensor([[sorted(range(R), key=lambda c: (-float(aff[b, a, c]), c))[:topk]
                                  for a in range(R)] for b in range(B)], dtype=torch.long)
     routing = routing.expand(B, -1, -1)
-    mask = torch.zeros(B, 1, N + P, N + P, dtype=torch.bool)
+    allow = torch.zeros(B, R, R, dtype=torch.bool)  # allow[b, a, c]: query region a routed to key region c
     for b in range(B):
-        routed = [set(routing[b, a].tolist()) for a in range(R)]
-        for i in range(N + P):
-            for j in range(N + P):
-                ok = region[i] < 0 or region[j] < 0 or region[j] in routed[region[i]]
-                mask[b, 0, i, j] = ok and not (mask_padding and pad[j])
+        for a in range(R):
+            for c in routing[b, a].tolist():
+                allow[b, a, c] = True
+    reg = torch.tensor(region)
+    extra = reg < 0
+    ri, rj = reg.clamp_min(0).view(-1, 1), reg.clamp_min(0).view(1, -1)
+    mask = allow[:, ri, rj] | extra.view(1, -1, 1) | extra.view(1, 1, -1)
+    if mask_padding:
+        mask = mask & ~torch.tensor(pad).view(1, 1, -1)
+    mask = mask.unsqueeze(1)
     out = masked_attention(qw, kw, vw, mask, scale=scale)[:, :, :N]
     return (out, routing) if return_routing else out
 
