@@ -40,6 +40,7 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
     """Build the Blocks app around ``engine`` (made from ``model``/``device`` when not given; loaded lazily)."""
     engine = engine or Engine(model=model, device=device)
     size = default_size or engine.suggested_size(_has_default_model())
+    n_steps = engine.suggested_steps(_has_default_model())
     story_cls = _story_pipeline_class()
 
     with gr.Blocks(title="visattn demo", analytics_enabled=False) as demo:
@@ -54,7 +55,7 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
                                             elem_id="gen-prompt", key="gen-prompt")
                         negative = gr.Textbox(label="Negative prompt", value="", key="gen-negative")
                         gen_method = MethodControls("gen")
-                        width, height, steps, guidance, seed = size_controls("gen", size)
+                        width, height, steps, guidance, seed = size_controls("gen", size, n_steps)
                         with gr.Row():
                             gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-button")
                             gen_cancel = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
@@ -89,7 +90,7 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
                         c_prompt = gr.Textbox(label="Prompt", value="", key="cmp-prompt")
                         c_negative = gr.Textbox(label="Negative prompt", value="", key="cmp-negative")
                         cmp_method = MethodControls("cmp", default=_first_sparse())
-                        c_w, c_h, c_steps, c_g, c_seed = size_controls("cmp", size)
+                        c_w, c_h, c_steps, c_g, c_seed = size_controls("cmp", size, n_steps)
                         with gr.Row():
                             cmp_btn = gr.Button("Compare", variant="primary", elem_id="cmp-button")
                             cmp_cancel = gr.Button("Cancel", variant="stop")
@@ -128,7 +129,7 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
             # ---------------------------------------------------------------- Story
             if story_cls is not None:
                 from .story import story_tab
-                story_tab(engine, story_cls, size)
+                story_tab(engine, story_cls, size, n_steps)
 
             # ---------------------------------------------------------------- Pattern explorer
             with gr.Tab("Pattern explorer", id="explorer"):

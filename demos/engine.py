@@ -206,9 +206,19 @@ class Engine:
                 sample = sample[0]
             if isinstance(sample, int):
                 return min(self.max_size, sample * int(getattr(self._pipe, "vae_scale_factor", 8) or 8))
-        if self.model == TINY_MODEL or (self.model in (None, "", DEFAULT_MODEL) and not has_default_model):
+        if self.is_tiny(has_default_model):
             return 64
         return min(512, self.max_size)
+
+    def is_tiny(self, has_default_model: bool = False) -> bool:
+        """Whether the model is (or will load as) the tiny random-weight pipeline."""
+        if self._pipe is not None:
+            return bool(getattr(self._pipe, "_visattn_tiny", False))
+        return self.model == TINY_MODEL or (self.model in (None, "", DEFAULT_MODEL) and not has_default_model)
+
+    def suggested_steps(self, has_default_model: bool = False) -> int:
+        """Default number of steps for the UI: 2 for the tiny random model (nothing to refine), else 20."""
+        return 2 if self.is_tiny(has_default_model) else 20
 
     @property
     def model_name(self) -> str:

@@ -17,7 +17,7 @@ EXAMPLE_CHARACTERS = "[Bob] a red circle"
 EXAMPLE_PANELS = "[Bob] on a blue background #Day one\n[Bob] on a green background #Day two\n[Bob] at night #The end"
 
 
-def story_tab(engine: Engine, story_cls: Any, size: int) -> None:
+def story_tab(engine: Engine, story_cls: Any, size: int, steps_default: int = 20) -> None:
     """Add the Story tab (inside an open ``gr.Tabs``)."""
     with gr.Tab("Story", id="story"):
         with gr.Row():
@@ -32,7 +32,7 @@ def story_tab(engine: Engine, story_cls: Any, size: int) -> None:
                                         "with the same characters share tokens")
                 controls = MethodControls("story", default="consistent", only=["consistent"],
                                           label="Consistency method")
-                width, height, steps, guidance, seed = size_controls("story", size)
+                width, height, steps, guidance, seed = size_controls("story", size, steps_default)
                 with gr.Row():
                     btn = gr.Button("Make story", variant="primary", elem_id="story-button")
                     cancel = gr.Button("Cancel", variant="stop")

@@ -24,7 +24,7 @@ def _byte_chars() -> list:
 
 
 def tiny_sd_pipeline(seed: int = 0, device: str = "cpu"):
-    """A ~2 M-parameter ``StableDiffusionPipeline`` with random weights (seeded), no network access."""
+    """A ~1.5 M-parameter ``StableDiffusionPipeline`` with random weights (seeded), no network access."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -39,13 +39,13 @@ def tiny_sd_pipeline(seed: int = 0, device: str = "cpu"):
     torch.manual_seed(seed)
     try:
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
             attention_head_dim=8, norm_num_groups=32)
-        vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                            norm_num_groups=32, sample_size=64)
+        vae = AutoencoderKL(block_out_channels=[16, 32, 32], in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                            norm_num_groups=8, sample_size=64, layers_per_block=1)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"], hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
@@ -58,4 +58,5 @@ def tiny_sd_pipeline(seed: int = 0, device: str = "cpu"):
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    pipe._visattn_tiny = True  # the demo picks 2 steps / 64 px defaults for it
     return pipe.to(device)

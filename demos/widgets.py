@@ -144,12 +144,15 @@ class ProgressAdapter:
             self.progress(step / total, desc=f"{self.label}: step {step}/{total}")
 
 
-def size_controls(prefix: str, engine_default: int):
+def size_controls(prefix: str, size: int, steps_default: int = 20):
+    """Width, height, steps, guidance and seed controls (elem ids ``<prefix>-width`` ...)."""
     with gr.Row():
-        width = gr.Number(value=engine_default, precision=0, label="Width", key=f"{prefix}-width")
-        height = gr.Number(value=engine_default, precision=0, label="Height", key=f"{prefix}-height")
+        width = gr.Number(value=size, precision=0, label="Width", key=f"{prefix}-width", elem_id=f"{prefix}-width")
+        height = gr.Number(value=size, precision=0, label="Height", key=f"{prefix}-height",
+                           elem_id=f"{prefix}-height")
     with gr.Row():
-        steps = gr.Slider(1, 100, value=2 if engine_default <= 128 else 25, step=1, label="Steps", key=f"{prefix}-steps")
+        steps = gr.Slider(1, 100, value=steps_default, step=1, label="Steps", key=f"{prefix}-steps",
+                          elem_id=f"{prefix}-steps")
         guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance", key=f"{prefix}-guidance")
         seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, key=f"{prefix}-seed")
     return width, height, steps, guidance, seed
