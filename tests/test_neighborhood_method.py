@@ -228,3 +228,18 @@ def test_presets_are_valid():
     assert Neighborhood.preset("flux", stride=1).stride == 1
     with pytest.raises(ValueError, match="known presets"):
         Neighborhood.preset("nope")
+
+
+def test_apply_timm_swin_with_relative_position_bias():
+    from _tiny_models import tiny_swin
+    model = tiny_swin()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        with visattn.apply(model, "neighborhood", kernel_size=3) as h:
+            out = model(x)
+            assert h.layers
+        assert not torch.allclose(out, ref, atol=1e-4)
+        # a kernel covering each Swin window is the model's own windowed attention, bias included
+        with visattn.apply(model, "neighborhood", kernel_size=64):
+            torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
