@@ -57,6 +57,7 @@ class RunState:
 
     def on_denoiser_call(self, timestep: Optional[float], sample: Optional[torch.Tensor]) -> None:
         """Update step/timestep/cfg/seed for one denoiser forward."""
+        self.cfg_chunks = self._detect_cfg(sample)
         new_run = self._new_run or self.step is None or (
             timestep is not None and self.timestep is not None and timestep > self.timestep)
         if new_run:
@@ -65,14 +66,14 @@ class RunState:
             self._new_run = False
             self.run_index += 1
             self.step, self.calls = 0, 0
-            self.seed = seed_from_tensor(sample) if sample is not None else None
+            # seed from the noise of the first CFG chunk, so it does not depend on the guidance setting
+            self.seed = seed_from_tensor(sample.chunk(self.cfg_chunks)[0]) if sample is not None else None
             if self.on_run_start is not None:
                 self.on_run_start()
         elif timestep is not None and timestep != self.timestep:
             self.step += 1
         self.calls += 1
         self.timestep = timestep
-        self.cfg_chunks = self._detect_cfg(sample)
 
     def _detect_cfg(self, sample: Optional[torch.Tensor]) -> int:
         if self.cfg_override is not None:
