@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..methods.routing import bilevel_routing_attention, bilevel_routing_attention_gather
 
-__all__ = ["BiLevelRoutingAttention", "QKVLinear"]
+__all__ = ["BiLevelRoutingAttention"]
 
 
 class QKVLinear(nn.Module):
