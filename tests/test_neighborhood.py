@@ -341,3 +341,12 @@ def test_cross_check_natten_if_installed():
     out = neighborhood_attention(to_bhnd(qh), to_bhnd(kh), to_bhnd(vh), spatial_shape=shape, kernel_size=kern,
                                  dilation=dil, stride=stride, backend="sdpa")
     torch.testing.assert_close(out, to_bhnd(ref), atol=1e-4, rtol=0)
+
+
+def test_partial_masks_are_deduplicated():
+    spec = make_spec((64, 64), 20)
+    layout = nl.get_layout(spec, (32, 32), "cpu")
+    assert layout.stats()["partial"] > 1000 and layout.mask_table.shape[0] < 100
+    rows = layout.mask_table.flatten(1)
+    assert torch.unique(rows, dim=0).shape[0] == rows.shape[0]
+    assert torch.equal(layout.to_dense()[0, 0], oracle_mask((64, 64), (20, 20), (1, 1), (1, 1), (False, False)))

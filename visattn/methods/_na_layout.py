@@ -229,6 +229,16 @@ def _dense_to_lists(sel: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return idx.to(torch.int32)[None, None].contiguous(), counts.to(torch.int32)[None, None].contiguous()
 
 
+def _dedup_masks(layout: BlockLayout) -> None:
+    """Share identical partial-block masks (NA repeats a handful of border shapes): table rows become unique."""
+    tbl = layout.mask_table
+    if tbl.shape[0] <= 1:
+        return
+    uniq, inv = torch.unique(tbl.reshape(tbl.shape[0], -1), dim=0, return_inverse=True)
+    layout.mask_table = uniq.view(-1, *tbl.shape[1:]).contiguous()
+    layout.partial_mask_ids = inv[layout.partial_mask_ids.long()].to(torch.int32).contiguous()
+
+
 _CACHE: "OrderedDict[tuple, Tuple[BlockLayout, BlockLayout]]" = OrderedDict()
 _CACHE_SIZE = 64
 
@@ -244,6 +254,7 @@ def _build(spec: NASpec, block_size: Tuple[int, int], device: torch.device) -> T
     layout = BlockLayout.from_indices(f_idx, f_cnt, block_size=block_size, seq_lens=spec.seq_len,
                                       partial_indices=p_idx, partial_counts=p_cnt, mask_mod=mm,
                                       perm_q=perm, perm_k=perm)
+    _dedup_masks(layout)
     layout._cache["tile"] = tile
 
     def mm_kernel_order(b, h, q_idx, kv_idx):
