@@ -1,7 +1,7 @@
 """timm adapter: instance-level ``forward`` on ``timm.layers.Attention`` (ViT family) and Swin ``WindowAttention``.
 
 Geometry: a forward pre-hook on the model reads the input image size and maps it through
-``patch_embed`` (``dynamic_feat_size`` when ``dynamic_img_size``, else ``grid_size``); ViT sequences are
+``patch_embed.dynamic_feat_size`` (``grid_size`` for other patch embedders); ViT sequences are
 ``[num_prefix_tokens (cls/registers)][grid, row-major]``. Swin attention runs per window: its grid is the
 module's ``window_size`` and the relative-position bias (+ shift mask) is passed as ``attn_mask``.
 ``remove`` deletes the instance ``forward`` (the class method shows through again) and the hook.
@@ -109,8 +109,8 @@ def _capture_hook(model: torch.nn.Module, state: RunState):
         state.grid, state.spatial_start = None, int(getattr(model, "num_prefix_tokens", 0) or 0)
         if pe is not None and isinstance(x, torch.Tensor) and x.ndim == 4:
             hw = tuple(x.shape[-2:])
-            if getattr(pe, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
-                state.grid = tuple(pe.dynamic_feat_size(hw))
+            if hasattr(pe, "dynamic_feat_size"):  # equals grid_size at the built size; handles dynamic sizes
+                state.grid = tuple(int(v) for v in pe.dynamic_feat_size(hw))
             elif getattr(pe, "grid_size", None) is not None:
                 state.grid = tuple(pe.grid_size)
         return None
