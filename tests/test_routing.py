@@ -175,6 +175,11 @@ def test_triton_interpreter_tiny():
     out = bra(q, k, v, spatial_shape=(8, 8), num_regions=2, topk=2, backend="triton")
     ref = bra(q, k, v, spatial_shape=(8, 8), num_regions=2, topk=2, backend="sdpa")
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # packed path: 3x3-token regions share 16-token blocks, PARTIAL blocks carry element masks
+    q, k, v = qkv(1, 1, 9 * 9, 16, dtype=torch.float32)
+    kw = dict(spatial_shape=(9, 9), num_regions=3, topk=2, strategy="packed")
+    out = bra(q, k, v, backend="triton", **kw)
+    torch.testing.assert_close(out, bra(q, k, v, backend="sdpa", **kw), atol=1e-4, rtol=1e-4)
 
 
 def test_direct_aligned_layout_equals_generic_construction():
