@@ -29,7 +29,8 @@ except ImportError:  # running from a checkout without the package installed
     from kernels import BlockLayout, block_sparse_attention  # type: ignore
     from kernels import triton_backend as tb  # type: ignore
 
-SHAPES = [(1, 24, 4096, 64), (1, 24, 16384, 64), (1, 24, 65536, 128), (1, 24, 115200, 128), (2, 16, 8192, 128)]
+# most informative first (a time budget may cut the tail)
+SHAPES = [(1, 24, 16384, 64), (1, 24, 65536, 128), (2, 16, 8192, 128), (1, 24, 4096, 64), (1, 24, 115200, 128)]
 DENSITIES = [0.5, 0.25, 0.10, 0.05]
 BLOCK = (128, 128)
 
@@ -39,7 +40,9 @@ def log(*a):
 
 
 def make_layout(kind: str, density: float, H: int, N: int, bs=BLOCK, device="cuda", seed=0) -> BlockLayout:
-    """dense | random (per head, each row >= 1 block) | banded (shared band of blocks) -- all FULL blocks."""
+    """dense | random (per head, exactly round(density * nKB) blocks a row) | banded -- all FULL blocks.
+
+    Banded layouts are stored per head (identical rows) so random and banded share FlexAttention's compile."""
     nqb, nkb = math.ceil(N / bs[0]), math.ceil(N / bs[1])
     if kind == "dense":
         bm = torch.ones(1, 1, nqb, nkb, dtype=torch.bool, device=device)
@@ -54,7 +57,7 @@ def make_layout(kind: str, density: float, H: int, N: int, bs=BLOCK, device="cud
         qb = torch.arange(nqb, device=device).view(-1, 1)
         start = (qb - keep // 2).clamp(0, nkb - keep)
         kb = torch.arange(nkb, device=device).view(1, -1)
-        bm = ((kb >= start) & (kb < start + keep)).view(1, 1, nqb, nkb)
+        bm = ((kb >= start) & (kb < start + keep)).view(1, 1, nqb, nkb).expand(1, H, nqb, nkb).contiguous()
     else:
         raise ValueError(f"kind must be dense|random|banded, got {kind!r}")
     return BlockLayout.from_block_mask(bm, block_size=bs, seq_lens=N)
@@ -99,74 +102,50 @@ def inputs(B, H, N, D, dtype=torch.bfloat16):
 
 # ---------------------------------------------------------------------------------------------- tuning
 FWD_VARIANTS = [
-    dict(TM=128, TN=128, num_warps=8, num_stages=3, tma=False),
     dict(TM=128, TN=128, num_warps=8, num_stages=3, tma=True),
-    dict(TM=128, TN=128, num_warps=8, num_stages=2, tma=True),
-    dict(TM=128, TN=64, num_warps=4, num_stages=3, tma=False),
-    dict(TM=128, TN=64, num_warps=4, num_stages=4, tma=True),
-    dict(TM=128, TN=64, num_warps=8, num_stages=3, tma=True),
-    dict(TM=64, TN=128, num_warps=4, num_stages=3, tma=True),
-]
-DQ_VARIANTS = [
-    dict(TM=64, TN=64, num_warps=4, num_stages=2),
-    dict(TM=128, TN=64, num_warps=8, num_stages=2),
-    dict(TM=128, TN=32, num_warps=4, num_stages=3),
-    dict(TM=64, TN=128, num_warps=8, num_stages=2),
-]
-DKDV_VARIANTS = [
-    dict(TM=64, TN=64, num_warps=4, num_stages=2),
-    dict(TM=32, TN=128, num_warps=4, num_stages=3),
-    dict(TM=64, TN=128, num_warps=8, num_stages=2),
-    dict(TM=32, TN=64, num_warps=4, num_stages=3),
+    dict(TM=128, TN=128, num_warps=4, num_stages=3, tma=True),
+    dict(TM=128, TN=64, num_warps=4, num_stages=3, tma=True),
+    dict(TM=128, TN=64, num_warps=8, num_stages=2, tma=True),
+    dict(TM=64, TN=64, num_warps=4, num_stages=3, tma=True),
 ]
 
 
-def tune(results: dict, shapes) -> None:
-    """Sweep tile/warps/stages per kernel on the dense layout; keep the fastest in CONFIG_OVERRIDES."""
+def tune(results: dict, shapes, deadline: float) -> None:
+    """Forward sweep of tile / warps / stages / TMA per head dim: the best on the dense layout becomes "fwd",
+    the best on a 10% random layout (short rows) "fwd_short". Backward keeps the table from an earlier sweep
+    (results 'tune_bwd' in the JSON: dq and dkdv 64x64 tiles, 4 warps, 2 stages were best at D=128)."""
     for (B, H, N, D) in shapes:
         q, k, v = inputs(B, H, N, D)
-        lay = make_layout("dense", 1.0, H, N)
-        flops = 4 * B * H * N * N * D
         key = f"{B}x{H}x{N}x{D}"
-        best = None
-        for var in FWD_VARIANTS:
-            tb.CONFIG_OVERRIDES[("fwd", None, None, D, None)] = var
-            try:
-                ms = time_backend(q, k, v, lay, "triton", False)
-            except Exception as e:  # a variant that fails to compile is skipped, with its reason
-                log(f"tune fwd {key} {var} FAILED {type(e).__name__}: {str(e)[:200]}")
-                continue
-            log(f"tune fwd {key} {var} {ms:.3f} ms {tflops(flops, ms):.0f} TF/s")
-            results.setdefault("tune", []).append(dict(kernel="fwd", shape=key, cfg=var, ms=ms,
-                                                       tflops=tflops(flops, ms)))
-            if best is None or ms < best[0]:
-                best = (ms, var)
-        if best:
-            tb.CONFIG_OVERRIDES[("fwd", None, None, D, None)] = best[1]
-            results.setdefault("chosen", {})[f"fwd_d{D}"] = best[1]
-        for kern, variants in (("bwd_dq", DQ_VARIANTS), ("bwd_dkdv", DKDV_VARIANTS)):
+        for kname, kind, dens in (("fwd", "dense", 1.0), ("fwd_short", "random", 0.10)):
+            lay = make_layout(kind, dens, H, N)
+            flops = 4 * B * H * N * N * D * lay.density()
             best = None
-            for var in variants:
-                tb.CONFIG_OVERRIDES[(kern, None, None, D, None)] = var
+            for var in FWD_VARIANTS:
+                if time.time() > deadline:
+                    log("tuning stopped: time budget")
+                    return
+                tb.CONFIG_OVERRIDES[(kname, None, None, D, None)] = var
                 try:
-                    ms = time_backend(q, k, v, lay, "triton", True)
-                except Exception as e:
-                    log(f"tune {kern} {key} {var} FAILED {type(e).__name__}: {str(e)[:200]}")
+                    ms = time_backend(q, k, v, lay, "triton", False)
+                except Exception as e:  # a variant that fails to compile is skipped, with its reason
+                    log(f"tune {kname} {key} {var} FAILED {type(e).__name__}: {str(e)[:200]}")
                     continue
-                log(f"tune {kern} {key} {var} bwd {ms:.3f} ms {tflops(2.5 * flops, ms):.0f} TF/s")
-                results.setdefault("tune", []).append(dict(kernel=kern, shape=key, cfg=var, ms=ms,
-                                                           tflops=tflops(2.5 * flops, ms)))
+                log(f"tune {kname} {key} {kind} {var} {ms:.3f} ms useful {tflops(flops, ms):.0f} TF/s")
+                results.setdefault("tune", []).append(dict(kernel=kname, shape=key, pattern=kind, cfg=var, ms=ms,
+                                                           useful_tflops=tflops(flops, ms)))
                 if best is None or ms < best[0]:
                     best = (ms, var)
             if best:
-                tb.CONFIG_OVERRIDES[(kern, None, None, D, None)] = best[1]
-                results.setdefault("chosen", {})[f"{kern}_d{D}"] = best[1]
+                tb.CONFIG_OVERRIDES[(kname, None, None, D, None)] = best[1]
+                results.setdefault("chosen", {})[f"{kname}_d{D}"] = best[1]
         del q, k, v
         torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
-def benchmark(results: dict, shapes, densities, kinds, flex_points, bwd_max_n: int, sdpa=True) -> None:
+def benchmark(results: dict, shapes, densities, kinds, flex_points, bwd_max_n: int, deadline: float,
+              save=lambda: None, flex_bwd_max_n: int = 16384, sdpa=True) -> None:
     rows = results.setdefault("rows", [])
     from visattn.kernels.xformers_backend import xformers_available  # noqa: F401
     for (B, H, N, D) in shapes:
@@ -189,6 +168,10 @@ def benchmark(results: dict, shapes, densities, kinds, flex_points, bwd_max_n: i
                         log(f"{shape} sdpa-{name} failed: {type(e).__name__}: {str(e)[:200]}")
         points = [("dense", 1.0)] + [(kd, d) for kd in kinds for d in densities]
         for kind, dens in points:
+            if time.time() > deadline:
+                log(f"{shape} {kind} {dens}: skipped (time budget)")
+                results.setdefault("skipped", []).append(f"{shape} {kind} {dens}")
+                continue
             lay = make_layout(kind, dens, H, N)
             real = lay.density()
             impls = ["triton"]
@@ -199,7 +182,7 @@ def benchmark(results: dict, shapes, densities, kinds, flex_points, bwd_max_n: i
                 impls.append("xformers")
             for impl in impls:
                 for grad in (False, True):
-                    if grad and (N > bwd_max_n or impl == "xformers"):
+                    if grad and (N > bwd_max_n or impl == "xformers" or (impl == "flex" and N > flex_bwd_max_n)):
                         continue
                     try:
                         t0 = time.time()
@@ -215,6 +198,7 @@ def benchmark(results: dict, shapes, densities, kinds, flex_points, bwd_max_n: i
                         log(f"{shape} {impl} {kind} {dens} failed: {type(e).__name__}: {str(e)[:300]}")
                         results.setdefault("errors", []).append(f"{shape} {impl} {kind} {dens}: {e!r}"[:500])
             del lay
+            save()
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -246,43 +230,54 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/block_sparse_h100.json")
-    ap.add_argument("--tune", action="store_true", help="sweep kernel configs first (on dense layouts)")
+    ap.add_argument("--tune", action="store_true", help="sweep forward kernel configs first")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--quick", action="store_true", help="two shapes, densities 1.0/0.1")
     ap.add_argument("--bwd-max-n", type=int, default=16384, help="skip backward above this length")
+    ap.add_argument("--flex-bwd-max-n", type=int, default=16384, help="skip flex backward above this length")
     ap.add_argument("--perm", action="store_true", help="measure the dispatcher's permutation copies")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new points after this many s")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         log("needs a CUDA GPU")
         return 2
-    torch._dynamo.config.cache_size_limit = 256  # flex recompiles per layout (benchmark only)
+    t0 = time.time()
+    deadline = t0 + args.budget_s
+    torch._dynamo.config.cache_size_limit = 256  # flex recompiles per layout shape (benchmark only)
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 256
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=__import__("triton").__version__, block=BLOCK, dtype="bfloat16")
     from visattn.kernels.xformers_backend import xformers_available
     results["xformers"] = xformers_available() or "available"
-    t0 = time.time()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():
+        results["wall_s"] = time.time() - t0
+        results["configs"] = {f"{k[0]}_d{k[3]}": v for k, v in tb.CONFIG_OVERRIDES.items()}
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
     try:
         if args.tune:
-            tune(results, [(1, 24, 16384, 64), (1, 24, 16384, 128)] if not args.quick else [(1, 24, 8192, 128)])
+            tune(results, [(1, 24, 16384, 64), (1, 24, 16384, 128)] if not args.quick else [(1, 24, 8192, 128)],
+                 deadline)
             log("chosen", json.dumps(results.get("chosen")))
+            save()
+        if args.perm:
+            permutation_cost(results)
         if not args.no_bench:
             if args.quick:
                 benchmark(results, [(1, 24, 16384, 64), (1, 24, 16384, 128)], [0.10], ["random", "banded"],
-                          {("random", 0.10), ("banded", 0.10)}, args.bwd_max_n)
+                          {("random", 0.10), ("banded", 0.10)}, args.bwd_max_n, deadline, save)
             else:
                 flex_pts = {("random", 0.10), ("banded", 0.10), ("random", 0.5)}
-                benchmark(results, SHAPES, DENSITIES, ["random", "banded"], flex_pts, args.bwd_max_n)
-        if args.perm:
-            permutation_cost(results)
+                benchmark(results, SHAPES, DENSITIES, ["random", "banded"], flex_pts, args.bwd_max_n, deadline,
+                          save, args.flex_bwd_max_n)
     except Exception:
         results.setdefault("errors", []).append(traceback.format_exc()[-2000:])
         log(traceback.format_exc())
-    results["wall_s"] = time.time() - t0
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    save()
     md = markdown(results)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(md + "\n")

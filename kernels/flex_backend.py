@@ -110,7 +110,16 @@ def flex_block_sparse_attention(q, k, v, layout: BlockLayout, scale: Optional[fl
     fa = _flex_module()
     fn = _compiled_flex() if q.is_cuda else fa.flex_attention
     gqa = q.shape[1] != k.shape[1]
-    res = fn(q, k, v, block_mask=to_flex_block_mask(layout), scale=scale, enable_gqa=gqa, return_lse=return_lse)
+    bm = to_flex_block_mask(layout)
+    opts = layout._cache.get("flex_kernel_options")
+    try:
+        res = fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_lse=return_lse, kernel_options=opts)
+    except Exception as e:  # inductor may run out of shared memory with gather-heavy mask_mods: smaller tiles
+        if not q.is_cuda or opts is not None or "resource" not in str(e):
+            raise
+        opts = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1, "num_warps": 4}
+        layout._cache["flex_kernel_options"] = opts
+        res = fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_lse=return_lse, kernel_options=opts)
     if return_lse:
         out, lse = res
         return out, lse.float()

@@ -49,16 +49,23 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # (kernel, block_m, block_n, d_pad, dtype) -> config dict (keys: TM, TN, num_warps, num_stages, and for
 # "fwd" tma). Set by benchmarks/tuning; any key part may be None (wildcard); exact keys are tried first.
 CONFIG_OVERRIDES: Dict[Tuple, dict] = {}
+SHORT_ROW_BLOCKS = 32
 
 
 def kernel_config(kernel: str, block_m: int, block_n: int, d_pad: int, dtype: torch.dtype) -> dict:
-    """Tile/launch config for ``kernel`` in {"fwd", "bwd_dq", "bwd_dkdv"}.
+    """Tile/launch config for ``kernel`` in {"fwd", "fwd_short", "bwd_dq", "bwd_dkdv"}.
+
+    "fwd_short" serves layouts whose rows visit fewer than ``SHORT_ROW_BLOCKS`` key blocks on average
+    (per-program set-up cost matters more there).
 
     ``TM`` x ``TN`` is the tile one loop step computes (it divides the layout block: a 128x128 layout
     block may run as 128x64 steps); ``num_warps`` / ``num_stages`` as in Triton; ``tma`` loads K/V
     with tensor descriptors (Hopper copy engine). Defaults are the H100 table (benchmarks/results).
     """
-    cfg = _default_config(kernel, block_m, block_n, d_pad, dtype)
+    if kernel == "fwd_short":  # rows with few key blocks: the "fwd" config unless tuned separately
+        cfg = kernel_config("fwd", block_m, block_n, d_pad, dtype)
+    else:
+        cfg = _default_config(kernel, block_m, block_n, d_pad, dtype)
     for key in ((kernel, None, None, None, None), (kernel, None, None, d_pad, None),
                 (kernel, block_m, block_n, d_pad, None), (kernel, block_m, block_n, d_pad, dtype)):
         if key in CONFIG_OVERRIDES:
@@ -74,7 +81,7 @@ def _default_config(kernel: str, block_m: int, block_n: int, d_pad: int, dtype: 
         tm = 128
         big = min(tm, block_m) * min(tn, block_n) >= 128 * 64
         return {"TM": tm, "TN": tn, "num_warps": 8 if big else 4, "num_stages": 2 if d_pad >= 256 else 3,
-                "tma": False}
+                "tma": True}
     if kernel == "bwd_dq":
         return {"TM": 64, "TN": 64 if d_pad <= 128 else 32, "num_warps": 4, "num_stages": 2}
     return {"TM": 64 if d_pad <= 128 else 32, "TN": 64, "num_warps": 4, "num_stages": 2}
@@ -83,12 +90,20 @@ def _default_config(kernel: str, block_m: int, block_n: int, d_pad: int, dtype: 
 if triton is not None:
 
     @triton.jit
-    def _load_bits(MT, mid, m_loc, n_loc, MASK_WORDS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   TRANSPOSED: tl.constexpr):
-        """Unpack rows ``m_loc`` / columns ``n_loc`` of mask_table[mid] to a bool tile
-        (len(m_loc), len(n_loc)), or (len(n_loc), len(m_loc)) if TRANSPOSED."""
+    def _load_bits(MT, mid, m_loc, n_loc, n0, MASK_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, TMR: tl.constexpr,
+                   TN: tl.constexpr, TRANSPOSED: tl.constexpr):
+        """Unpack rows ``m_loc`` (TMR of them) x columns ``n0 + [0, TN)`` of mask_table[mid] to a bool tile
+        (TMR, TN), or (TN, TMR) if TRANSPOSED. Reads each 32-bit word once when TN is a multiple of 32."""
         base = MT + mid.to(tl.int64) * (BLOCK_M * MASK_WORDS)
-        if TRANSPOSED:
+        if TN % 32 == 0:
+            WT: tl.constexpr = TN // 32
+            wcol = n0 // 32 + tl.arange(0, WT)
+            words = tl.load(base + m_loc[:, None] * MASK_WORDS + wcol[None, :])  # (TMR, WT)
+            bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+            bits = tl.reshape(bits, (TMR, TN))
+            if TRANSPOSED:
+                bits = tl.trans(bits)
+        elif TRANSPOSED:
             words = tl.load(base + m_loc[None, :] * MASK_WORDS + (n_loc[:, None] // 32))
             bits = (words >> (n_loc[:, None] % 32)) & 1
         else:
@@ -110,7 +125,8 @@ if triton is not None:
     @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd, IDX, MIDS, MT,
                    cnt, Nk, qk_scale, m_loc, offs_tn, offs_d, dmask, PARTIAL: tl.constexpr,
-                   EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TN: tl.constexpr,
+                   EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TM: tl.constexpr,
+                   TN: tl.constexpr,
                    D_PAD: tl.constexpr, MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr,
                    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
         NSUB: tl.constexpr = BLOCK_N // TN
@@ -130,7 +146,8 @@ if triton is not None:
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             if PARTIAL:
-                keep = _load_bits(MT, tl.load(MIDS + t // NSUB), m_loc, n_loc, MASK_WORDS, BLOCK_M, False)
+                keep = _load_bits(MT, tl.load(MIDS + t // NSUB), m_loc, n_loc, (t % NSUB) * TN, MASK_WORDS,
+                                  BLOCK_M, TM, TN, False)
                 s = tl.where(keep, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
@@ -151,7 +168,8 @@ if triton is not None:
                     H, GROUP, Nq, Nk, qk_scale,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PREC: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr):
+                    DOT_PREC: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
+                    HAS_FULL: tl.constexpr, HAS_PARTIAL: tl.constexpr):
         SPLIT: tl.constexpr = BLOCK_M // TM
         pid = tl.program_id(0)
         bh = tl.program_id(1)
@@ -176,16 +194,18 @@ if triton is not None:
         m_i = tl.full([TM], float("-inf"), tl.float32)
         l_i = tl.zeros([TM], tl.float32)
         acc = tl.zeros([TM, D_PAD], tl.float32)
-        fc = tl.load(FC + row)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd,
-                                   FI + row.to(tl.int64) * F_W, PM, MT, fc, Nk, qk_scale,
-                                   m_loc, offs_tn, offs_d, dmask, False, EVEN_D, BLOCK_M, BLOCK_N, TN, D_PAD,
-                                   MASK_WORDS, UPCAST, DOT_PREC, USE_TMA)
-        pc = tl.load(PC + row)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd,
-                                   PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT, pc, Nk,
-                                   qk_scale, m_loc, offs_tn, offs_d, dmask, True, EVEN_D, BLOCK_M, BLOCK_N, TN,
-                                   D_PAD, MASK_WORDS, UPCAST, DOT_PREC, USE_TMA)
+        if HAS_FULL:
+            fc = tl.load(FC + row)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd,
+                                       FI + row.to(tl.int64) * F_W, PM, MT, fc, Nk, qk_scale,
+                                       m_loc, offs_tn, offs_d, dmask, False, EVEN_D, BLOCK_M, BLOCK_N, TM, TN, D_PAD,
+                                       MASK_WORDS, UPCAST, DOT_PREC, USE_TMA)
+        if HAS_PARTIAL:
+            pc = tl.load(PC + row)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd,
+                                       PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT, pc, Nk,
+                                       qk_scale, m_loc, offs_tn, offs_d, dmask, True, EVEN_D, BLOCK_M, BLOCK_N, TM, TN,
+                                       D_PAD, MASK_WORDS, UPCAST, DOT_PREC, USE_TMA)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         o_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh
@@ -199,7 +219,8 @@ if triton is not None:
     @triton.jit
     def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, skn, skd, svn, svd, IDX, MIDS, MT, cnt,
                       Nk, qk_scale, m_loc, offs_tn, offs_d, dmask, PARTIAL: tl.constexpr,
-                      EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TN: tl.constexpr,
+                      EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TM: tl.constexpr,
+                      TN: tl.constexpr,
                       MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
         NSUB: tl.constexpr = BLOCK_N // TN
         for t in range(cnt * NSUB):
@@ -214,7 +235,8 @@ if triton is not None:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             p = tl.math.exp2(s * qk_scale - lse2[:, None])
             if PARTIAL:
-                keep = _load_bits(MT, tl.load(MIDS + t // NSUB), m_loc, n_loc, MASK_WORDS, BLOCK_M, False)
+                keep = _load_bits(MT, tl.load(MIDS + t // NSUB), m_loc, n_loc, (t % NSUB) * TN, MASK_WORDS,
+                                  BLOCK_M, TM, TN, False)
                 p = tl.where(keep, p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
@@ -229,7 +251,8 @@ if triton is not None:
                        H, GROUP, Nq, Nk, qk_scale, sm_scale,
                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr,
-                       UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DLSE: tl.constexpr):
+                       UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DLSE: tl.constexpr,
+                       HAS_FULL: tl.constexpr, HAS_PARTIAL: tl.constexpr):
         SPLIT: tl.constexpr = BLOCK_M // TM
         pid = tl.program_id(0)
         bh = tl.program_id(1)
@@ -262,23 +285,26 @@ if triton is not None:
         v_base = bl * svb + hk.to(tl.int64) * svh
         row = b * lay_sb + h * lay_sh + qb
         dq = tl.zeros([TM, D_PAD], tl.float32)
-        fc = tl.load(FC + row)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, skn, skd, svn, svd,
-                           FI + row.to(tl.int64) * F_W, PM, MT, fc, Nk, qk_scale, m_loc, offs_tn, offs_d,
-                           dmask, False, EVEN_D, BLOCK_M, BLOCK_N, TN, MASK_WORDS, UPCAST, DOT_PREC)
-        pc = tl.load(PC + row)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, skn, skd, svn, svd,
-                           PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT, pc, Nk, qk_scale,
-                           m_loc, offs_tn, offs_d, dmask, True, EVEN_D, BLOCK_M, BLOCK_N, TN, MASK_WORDS,
-                           UPCAST, DOT_PREC)
+        if HAS_FULL:
+            fc = tl.load(FC + row)
+            dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, skn, skd, svn, svd,
+                               FI + row.to(tl.int64) * F_W, PM, MT, fc, Nk, qk_scale, m_loc, offs_tn, offs_d,
+                               dmask, False, EVEN_D, BLOCK_M, BLOCK_N, TM, TN, MASK_WORDS, UPCAST, DOT_PREC)
+        if HAS_PARTIAL:
+            pc = tl.load(PC + row)
+            dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, skn, skd, svn, svd,
+                               PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT, pc, Nk, qk_scale,
+                               m_loc, offs_tn, offs_d, dmask, True, EVEN_D, BLOCK_M, BLOCK_N, TM, TN, MASK_WORDS,
+                               UPCAST, DOT_PREC)
         dq = dq * sm_scale
         tl.store(DQ + bl * sdqb + hl * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
                  dq.to(DQ.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
 
     @triton.jit
     def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, sqn, sqd, sdon, sdod,
-                        IDX, MIDS, MT, cnt, Nq, qk_scale, offs_tm, n_loc, offs_d, dmask,
+                        IDX, MIDS, MT, cnt, Nq, qk_scale, offs_tm, n_loc, n0, offs_d, dmask,
                         PARTIAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, TM: tl.constexpr,
+                        TN: tl.constexpr,
                         MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
         NSUB: tl.constexpr = BLOCK_M // TM
         for t in range(cnt * NSUB):
@@ -297,7 +323,8 @@ if triton is not None:
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (TN, TM)
             pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
             if PARTIAL:
-                keep = _load_bits(MT, tl.load(MIDS + t // NSUB), m_loc, n_loc, MASK_WORDS, BLOCK_M, True)
+                keep = _load_bits(MT, tl.load(MIDS + t // NSUB), m_loc, n_loc, n0, MASK_WORDS, BLOCK_M, TM, TN,
+                                  True)
                 pT = tl.where(keep, pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -313,7 +340,8 @@ if triton is not None:
                          H, HKV, GROUP, Nq, Nk, qk_scale, sm_scale,
                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr,
-                         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, HAS_FULL: tl.constexpr,
+                         HAS_PARTIAL: tl.constexpr):
         SPLIT: tl.constexpr = BLOCK_N // TN
         pid = tl.program_id(0)
         bhk = tl.program_id(1)
@@ -322,7 +350,8 @@ if triton is not None:
         hk = bhk % HKV
         EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
         offs_tm = tl.arange(0, TM)
-        n_loc = (pid % SPLIT) * TN + tl.arange(0, TN)
+        n0 = (pid % SPLIT) * TN
+        n_loc = n0 + tl.arange(0, TN)
         cols = kb * BLOCK_N + n_loc
         offs_d = tl.arange(0, D_PAD)
         dmask = offs_d < HEAD_DIM
@@ -342,16 +371,18 @@ if triton is not None:
             do_base = bl * sdob + hl * sdoh
             stat_base = (bl * H + hl) * Nq
             row = b * lay_sb + h * lay_sh + kb
-            fc = tl.load(FC + row)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, sqn, sqd,
-                                     sdon, sdod, FI + row.to(tl.int64) * F_W, PM, MT, fc, Nq, qk_scale,
-                                     offs_tm, n_loc, offs_d, dmask, False, EVEN_D, BLOCK_M, TM, MASK_WORDS,
-                                     UPCAST, DOT_PREC)
-            pc = tl.load(PC + row)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, sqn, sqd,
-                                     sdon, sdod, PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT,
-                                     pc, Nq, qk_scale, offs_tm, n_loc, offs_d, dmask, True, EVEN_D, BLOCK_M,
-                                     TM, MASK_WORDS, UPCAST, DOT_PREC)
+            if HAS_FULL:
+                fc = tl.load(FC + row)
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, sqn, sqd,
+                                         sdon, sdod, FI + row.to(tl.int64) * F_W, PM, MT, fc, Nq, qk_scale,
+                                         offs_tm, n_loc, n0, offs_d, dmask, False, EVEN_D, BLOCK_M, TM, TN, MASK_WORDS,
+                                         UPCAST, DOT_PREC)
+            if HAS_PARTIAL:
+                pc = tl.load(PC + row)
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, sqn, sqd,
+                                         sdon, sdod, PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT,
+                                         pc, Nq, qk_scale, offs_tm, n_loc, n0, offs_d, dmask, True, EVEN_D, BLOCK_M,
+                                         TM, TN, MASK_WORDS, UPCAST, DOT_PREC)
         dk = dk * sm_scale
         km = (cols < Nk)[:, None] & dmask[None, :]
         tl.store(DK + bl * sdkb + hkl * sdkh + cols[:, None] * sdkn + offs_d[None, :] * sdkd,
@@ -378,9 +409,20 @@ def _row_strides(layout: BlockLayout, n_rows: int) -> Tuple[int, int]:
     return (Hl * n_rows if Bl > 1 else 0), (n_rows if Hl > 1 else 0)
 
 
+def _layout_info(layout: BlockLayout) -> dict:
+    """Per-layout facts the launch needs (one host sync, cached): which loops exist, mean row length."""
+    if "triton_info" not in layout._cache:
+        fc, pc = int(layout.full_counts.sum()), int(layout.partial_counts.sum())
+        rows = layout.full_counts.numel()
+        layout._cache["triton_info"] = {"HAS_FULL": fc > 0, "HAS_PARTIAL": pc > 0,
+                                        "mean_row": (fc + pc) / max(rows, 1)}
+    return layout._cache["triton_info"]
+
+
 def _common_consts(q: torch.Tensor, layout: BlockLayout) -> dict:
     D = q.shape[-1]
-    return dict(HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_M=layout.block_m, BLOCK_N=layout.block_n,
+    info = _layout_info(layout)
+    return dict(HAS_FULL=info["HAS_FULL"], HAS_PARTIAL=info["HAS_PARTIAL"], HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_M=layout.block_m, BLOCK_N=layout.block_n,
                 MASK_WORDS=layout.mask_table.shape[-1], UPCAST=INTERPRET and q.dtype != torch.float32,
                 DOT_PREC=_dot_prec(q.dtype))
 
@@ -406,7 +448,8 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool):
     nqb = layout.num_q_blocks
     lay_sb, lay_sh = _row_strides(layout, nqb)
     c = _common_consts(q, layout)
-    cfg, opts = _launch("fwd", c, q.dtype)
+    short = _layout_info(layout)["mean_row"] < SHORT_ROW_BLOCKS
+    cfg, opts = _launch("fwd_short" if short else "fwd", c, q.dtype)
     use_tma = bool(cfg.get("tma")) and _tma_ok(k) and _tma_ok(v)
     if use_tma:
         blk = [1, 1, cfg["TN"], c["D_PAD"]]

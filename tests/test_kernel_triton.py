@@ -62,6 +62,7 @@ CASES = [
     ("fp32_cross_rect_block", 2, 2, 1, 40, 100, 32, torch.float32, (2, None), (16, 32)),
     ("fp16_shared_d96", 2, 2, 2, 48, 48, 96, torch.float16, (None, None), 16),
     ("fp32_d128_ragged", 1, 1, 1, 33, 47, 128, torch.float32, (None, None), 32),
+    ("fp16_block32x64_words", 1, 2, 2, 100, 130, 64, torch.float16, (None, 2), (32, 64)),
 ]
 
 
@@ -148,7 +149,7 @@ def test_from_block_mask_random_blocks_and_scale():
 
 BWD_CASES = [
     ("fp32_gqa_ragged_partial", 1, 4, 2, 50, 70, 32, (None, 4), 16),
-    ("fp32_cross_perbatch_d80", 2, 2, 2, 40, 64, 80, (2, None), (16, 32)),
+    ("fp32_cross_perbatch_d80", 2, 2, 2, 40, 100, 80, (2, None), (32, 64)),
 ]
 
 
