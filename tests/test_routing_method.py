@@ -86,3 +86,15 @@ def test_pattern():
     expect = ((ys // 4) * 2 + xs // 4) == routed
     assert torch.equal(row[1:], expect)
     assert bool(m.pattern(geo, 0, q=q, k=k).all())  # the CLS query is global
+
+
+def test_layout_stats():
+    geo = TokenGeometry(batch=1, heads=2, seq_len=56 * 56, kv_len=56 * 56, grid=(56, 56))
+    s = BiLevelRouting(num_regions=7, topk=4).layout_stats(geo)
+    assert (s["strategy"], s["block"], s["full"], s["partial"], s["total"]) == ("aligned", 64, 196, 0, 2401)
+    geo_cls = TokenGeometry(batch=1, heads=2, seq_len=65, kv_len=65, grid=(8, 8), spatial_start=1)
+    s = BiLevelRouting(num_regions=2, topk=1).layout_stats(geo_cls)
+    # 4 regions of 16 + CLS (kernel position 64, a ragged last block): each region block row has its routed
+    # region FULL and the CLS block PARTIAL; the CLS row has the 4 region blocks FULL and its own block PARTIAL
+    assert (s["full"], s["partial"]) == (4 + 4, 4 + 1)
+    assert BiLevelRouting(num_regions=7, topk=4).layout_stats(geo_cls) is None  # does not fit -> dense

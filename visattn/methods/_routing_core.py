@@ -185,6 +185,7 @@ class TokenOrder:
     num_tokens: int             # N (original)
     num_work: int               # N + P
     num_grid: int               # padded grid tokens (S*S regions of rh*rw)
+    inv: torch.Tensor           # (Nw,) int64: argsort(perm), the output un-permutation
 
 
 @lru_cache(maxsize=64)
@@ -209,7 +210,7 @@ def _token_order_cpu(h: int, w: int, s: int, spatial_start: int, seq_len: int) -
     group_w[perm] = group_k
     pad_w = torch.zeros(n + p, dtype=torch.bool)
     pad_w[n:] = True
-    return TokenOrder(perm, group_k, group_w, pad_w, n, n + p, hp * wp)
+    return TokenOrder(perm, group_k, group_w, pad_w, n, n + p, hp * wp, torch.argsort(perm))
 
 
 _ORDER_DEV_CACHE: dict = {}
@@ -221,7 +222,7 @@ def token_order(grid: RegionGrid, spatial_start: int, seq_len: int, device) -> T
     if key not in _ORDER_DEV_CACHE:
         o = _token_order_cpu(grid.height, grid.width, grid.num_regions, spatial_start, seq_len)
         _ORDER_DEV_CACHE[key] = TokenOrder(*(t.to(device) for t in (o.perm, o.group_k, o.group_w, o.pad_w)),
-                                           o.num_tokens, o.num_work, o.num_grid)
+                                           o.num_tokens, o.num_work, o.num_grid, o.inv.to(device))
         if len(_ORDER_DEV_CACHE) > 64:
             _ORDER_DEV_CACHE.pop(next(iter(_ORDER_DEV_CACHE)))
     return _ORDER_DEV_CACHE[key]
@@ -341,10 +342,12 @@ def build_layout(routing: torch.Tensor, order: TokenOrder, num_groups: int, bloc
         def mask_mod(b, h, qi, ki):  # original (working) positions
             keep = allow[b, group_w[qi], group_w[ki]]
             return keep & ~pad_w[ki] if mask_padding else keep
-    return BlockLayout.from_indices(f_idx, f_cnt, block_size=block, seq_lens=nw,
-                                    partial_indices=p_idx if has_partial else None,
-                                    partial_counts=p_cnt if has_partial else None, mask_mod=mask_mod,
-                                    perm_q=order.perm, perm_k=order.perm)
+    layout = BlockLayout.from_indices(f_idx, f_cnt, block_size=block, seq_lens=nw,
+                                      partial_indices=p_idx if has_partial else None,
+                                      partial_counts=p_cnt if has_partial else None, mask_mod=mask_mod,
+                                      perm_q=order.perm, perm_k=order.perm)
+    layout._cache["inv_q"] = order.inv
+    return layout
 
 
 def _aligned_layout(routing: torch.Tensor, order: TokenOrder, bpr: int, block: int) -> BlockLayout:
@@ -358,8 +361,10 @@ def _aligned_layout(routing: torch.Tensor, order: TokenOrder, bpr: int, block: i
     zeros = torch.zeros(B, 1, R * bpr, 1, dtype=torch.int32, device=dev)
     table = torch.zeros(1, block, (block + 31) // 32, dtype=torch.int32, device=dev)
     nw = order.num_work
-    return BlockLayout(nw, nw, block, block, f_cnt, f_idx, torch.zeros(B, 1, R * bpr, dtype=torch.int32, device=dev),
-                       zeros, zeros.clone(), table, order.perm, order.perm, None)
+    layout = BlockLayout(nw, nw, block, block, f_cnt, f_idx, torch.zeros(B, 1, R * bpr, dtype=torch.int32, device=dev),
+                         zeros, zeros.clone(), table, order.perm, order.perm, None)
+    layout._cache["inv_q"] = order.inv  # the dispatcher's un-permutation, precomputed once per grid
+    return layout
 
 
 def _lists(sel: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

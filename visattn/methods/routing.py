@@ -159,6 +159,21 @@ class BiLevelRouting(AttentionMethod):
                                    strategy=self.strategy, block_size=None, routing=None)
         return out
 
+    def layout_stats(self, geometry: TokenGeometry) -> Optional[dict]:
+        """Path, block and block counts for ``geometry`` (batch 1). Routing depends on the data: the counts use
+        an arbitrary routing; they are exact for the aligned path (every routing gives the same counts)."""
+        grid = self._grid(geometry)
+        if grid is None:
+            return None
+        order = core.token_order(grid, geometry.num_prefix, geometry.seq_len, "cpu")
+        path, block = core.choose_strategy(grid, order.num_work, self.strategy)
+        out = {"strategy": path, "block": block, "region_tokens": grid.region_size, "routing_dependent": path == "packed"}
+        if path != "dense":
+            R = grid.num_region_total
+            routing = torch.arange(self.topk).expand(1, R, self.topk)
+            out.update(core.build_layout(routing, order, R, block, mask_padding=self.mask_padding).stats())
+        return out
+
     def pattern(self, geometry: TokenGeometry, query_index: int, *, q: Optional[torch.Tensor] = None,
                 k: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Routing depends on the data: None unless ``q``/``k`` (B, H, N, D) are given, then the bool (kv_len,)
