@@ -81,3 +81,15 @@ def test_memory_much_lower_than_gather():
         ours = peak(lambda: bilevel_routing_attention(q, k, v, **kw))
         gather = peak(lambda: bilevel_routing_attention_gather(q, k, v, **kw))
     assert gather >= 4 * ours, (gather, ours)
+
+
+def test_module_sparse_matches_gather_bf16():
+    from visattn.nn import BiLevelRoutingAttention
+    torch.manual_seed(0)
+    m = BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4, side_dwconv=5).cuda().to(torch.bfloat16)
+    g = BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4, side_dwconv=5, implementation="gather")
+    g = g.cuda().to(torch.bfloat16)
+    g.load_state_dict(m.state_dict(), strict=True)
+    x = torch.randn(2, 56, 56, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).float(), g(x).float(), atol=3e-2, rtol=3e-2)
