@@ -183,11 +183,27 @@ def run_case(name, dims, kernel, stride, target, *, reps: int, warmup: int, devi
 
 
 def _flex_untiled(q, k, v, spec, reps, warmup) -> float:
-    """FlexAttention with the NA mask_mod on row-major tokens (no tiling), compiled: NATTEN's flex path."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    """Compiled FlexAttention on row-major tokens (no tiling) with the NA mask_mod in its partial blocks and
+    our exact FULL/PARTIAL block lists (NATTEN's flex path without token permutation)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    mm = make_mask_mod(spec, q.device)
-    bm = create_block_mask(mm, None, None, spec.seq_len, spec.seq_len, device=q.device, BLOCK_SIZE=128)
+    N, dev = spec.seq_len, q.device
+    full, partial = nl.classify_blocks(spec, torch.arange(N, device=dev), (128, 128))
+    if N % 128:
+        partial[:, -1] |= full[:, -1]
+        full[:, -1] = False
+    nkb = full.shape[1]
+
+    def lists(sel):
+        idx, cnt = nl._dense_to_lists(sel)
+        out = torch.zeros(1, 1, sel.shape[0], nkb, dtype=torch.int32, device=dev)
+        out[..., :idx.shape[-1]] = idx
+        return cnt, out
+
+    pc, pi = lists(partial)
+    fc, fi = lists(full)
+    bm = BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=128, mask_mod=make_mask_mod(spec, dev),
+                                  seq_lengths=(N, N))
     fn = torch.compile(flex_attention)
     return _time(lambda: fn(q, k, v, block_mask=bm), reps, warmup, True)
 

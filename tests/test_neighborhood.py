@@ -350,3 +350,20 @@ def test_partial_masks_are_deduplicated():
     rows = layout.mask_table.flatten(1)
     assert torch.unique(rows, dim=0).shape[0] == rows.shape[0]
     assert torch.equal(layout.to_dense()[0, 0], oracle_mask((64, 64), (20, 20), (1, 1), (1, 1), (False, False)))
+
+
+def test_benchmark_script_runs_on_cpu(tmp_path, capsys):
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_neighborhood.py")
+    spec_ = importlib.util.spec_from_file_location("bench_neighborhood", path)
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    bench.main(["--stats-only", "--cases", "2d-gna", "--out", str(tmp_path / "s.json")])
+    rows = json.load(open(tmp_path / "s.json"))["layouts"]
+    assert rows[0]["partial"] == 0 and rows[0]["full"] == 25600
+    bench.main(["--quick", "--cases", "1d-na", "--out", str(tmp_path / "q.json")])
+    res = json.load(open(tmp_path / "q.json"))["kernels"][0]
+    assert res["max_abs_err_vs_fp32"] < 1e-5 and res["full"] + res["partial"] + res["empty"] == 256
+    assert "| 1d-na |" in capsys.readouterr().out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from numbers import Integral
 from typing import Optional, Sequence, Tuple, Union
 
@@ -224,7 +225,12 @@ class Neighborhood(AttentionMethod):
         if spec is None:
             return None
         bs = self.block_size or (128, 128)
-        return block_counts(spec, (bs, bs) if isinstance(bs, int) else tuple(bs))
+        return dict(_cached_counts(spec, (bs, bs) if isinstance(bs, int) else tuple(bs)))
+
+
+@lru_cache(maxsize=128)
+def _cached_counts(spec: NASpec, block_size: Tuple[int, int]) -> dict:
+    return block_counts(spec, block_size)
 
 
 #: Starting points per model family (training-free use; not quality-measured here, see the docs).
