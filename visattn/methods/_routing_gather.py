@@ -40,9 +40,12 @@ def bilevel_routing_attention_gather(q: torch.Tensor, k: torch.Tensor, v: torch.
     R, r = S * S, rh * rw
 
     if routing is None:  # released router: (q_r * scale) @ k_r^T, torch.topk, no gradient
+        # descriptors in fp32 (fp64 for fp64 inputs) like the gather-free path, so half-precision runs of the
+        # two paths route identically; for fp32 inputs this is exactly the released computation
+        rd = torch.float64 if q.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            qr = region_means(q, grid, 0, mask_padding=False, dtype=q.dtype).permute(0, 2, 1, 3).reshape(B, R, -1)
-            kr = region_means(k, grid, 0, mask_padding=False, dtype=k.dtype).permute(0, 2, 1, 3).reshape(B, R, -1)
+            qr = region_means(q, grid, 0, mask_padding=False, dtype=rd).permute(0, 2, 1, 3).reshape(B, R, -1)
+            kr = region_means(k, grid, 0, mask_padding=False, dtype=rd).permute(0, 2, 1, 3).reshape(B, R, -1)
             routing = torch.topk((qr * scale) @ kr.transpose(-1, -2), k=topk, dim=-1).indices
     else:
         routing = check_routing(routing, B, grid)
