@@ -175,6 +175,17 @@ def test_triton_interpreter_tiny():
     out = bra(q, k, v, spatial_shape=(8, 8), num_regions=2, topk=2, backend="triton")
     ref = bra(q, k, v, spatial_shape=(8, 8), num_regions=2, topk=2, backend="sdpa")
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # per-batch routing (layout batch dim 2), GQA, backward
+    q, k, v = qkv(2, 2, 8 * 8, 16, dtype=torch.float32, hk=1)
+    kw = dict(spatial_shape=(8, 8), num_regions=2, topk=2)
+    qt, qs = q.clone().requires_grad_(), q.clone().requires_grad_()
+    out, idx = bra(qt, k, v, backend="triton", return_routing=True, **kw)
+    assert not torch.equal(idx[0], idx[1])
+    ref = bra(qs, k, v, backend="sdpa", **kw)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(qt.grad, qs.grad, atol=1e-4, rtol=1e-4)
     # packed path: 3x3-token regions share 16-token blocks, PARTIAL blocks carry element masks
     q, k, v = qkv(1, 1, 9 * 9, 16, dtype=torch.float32)
     kw = dict(spatial_shape=(9, 9), num_regions=3, topk=2, strategy="packed")
