@@ -58,8 +58,12 @@ def make_layout(kind: str, density: float, H: int, N: int, bs=BLOCK, device="cud
         start = (qb - keep // 2).clamp(0, nkb - keep)
         kb = torch.arange(nkb, device=device).view(1, -1)
         bm = ((kb >= start) & (kb < start + keep)).view(1, 1, nqb, nkb).expand(1, H, nqb, nkb).contiguous()
+    elif kind == "band_elem":  # element band |q - k| <= w: FULL blocks inside, PARTIAL blocks on its edges
+        w = int(density * N / 2)
+        return BlockLayout.from_mask_mod(lambda b, h, q, k: (q - k).abs() <= w, batch=None, heads=None,
+                                         seq_lens=N, block_size=bs, device=device)
     else:
-        raise ValueError(f"kind must be dense|random|banded, got {kind!r}")
+        raise ValueError(f"kind must be dense|random|banded|band_elem, got {kind!r}")
     return BlockLayout.from_block_mask(bm, block_size=bs, seq_lens=N)
 
 
@@ -166,7 +170,7 @@ def benchmark(results: dict, shapes, densities, kinds, flex_points, bwd_max_n: i
                         log(f"{shape} sdpa-{name} {'bwd' if grad else 'fwd'} {ms:.3f} ms {tflops(f, ms):.0f} TF/s")
                     except Exception as e:
                         log(f"{shape} sdpa-{name} failed: {type(e).__name__}: {str(e)[:200]}")
-        points = [("dense", 1.0)] + [(kd, d) for kd in kinds for d in densities]
+        points = ([("dense", 1.0)] if sdpa else []) + [(kd, d) for kd in kinds for d in densities]
         for kind, dens in points:
             if time.time() > deadline:
                 log(f"{shape} {kind} {dens}: skipped (time budget)")
@@ -236,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bwd-max-n", type=int, default=16384, help="skip backward above this length")
     ap.add_argument("--flex-bwd-max-n", type=int, default=16384, help="skip flex backward above this length")
     ap.add_argument("--perm", action="store_true", help="measure the dispatcher's permutation copies")
+    ap.add_argument("--partial", action="store_true", help="only the element-band (PARTIAL-block) points")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new points after this many s")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -267,7 +272,10 @@ def main(argv=None) -> int:
         if args.perm:
             permutation_cost(results)
         if not args.no_bench:
-            if args.quick:
+            if args.partial:
+                benchmark(results, [(1, 24, 16384, 64), (1, 24, 65536, 128)], [0.10], ["band_elem"],
+                          {("band_elem", 0.10)}, 16384, deadline, save, 16384, sdpa=False)
+            elif args.quick:
                 benchmark(results, [(1, 24, 16384, 64), (1, 24, 16384, 128)], [0.10], ["random", "banded"],
                           {("random", 0.10), ("banded", 0.10)}, args.bwd_max_n, deadline, save)
             else:
