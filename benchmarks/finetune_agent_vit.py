@@ -26,23 +26,27 @@ import visattn  # noqa: E402
 from visattn.convert import to_agent  # noqa: E402
 
 
-def load_split(split: str, n: int, size: int, seed: int):
+def load_split(split: str, n: int, size: int, seed: int, label: str = "shape"):
     from visattn.data import ShapesDataset
     ds = ShapesDataset(split, length=n, size=size, base_seed=seed, n_objects=1)
     xs, ys = [], []
     for i in range(n):
         item = ds[i]
         xs.append(item["image"])
-        ys.append(int(item["labels"]["shape"]))
+        ys.append(int(item["labels"][label]))
     x = torch.stack(xs)
     x = (x - 0.5) / 0.25
     return x, torch.tensor(ys)
 
 
+NUM_CLASSES = {"shape": 6, "position": 9, "color": 12}
+
+
 def make_vit(args) -> torch.nn.Module:
     import timm
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=args.size, patch_size=args.patch,
-                             embed_dim=args.dim, depth=args.depth, num_heads=args.heads, num_classes=6)
+                             embed_dim=args.dim, depth=args.depth, num_heads=args.heads,
+                             num_classes=NUM_CLASSES[args.label])
 
 
 @torch.no_grad()
@@ -65,8 +69,6 @@ def train(model, x, y, epochs: int, lr: float, bs: int, seed: int, log: str = ""
         for i in range(0, len(x), bs):
             idx = perm[i:i + bs]
             xb = x[idx]
-            if torch.rand((), generator=g) < 0.5:
-                xb = xb.flip(-1)
             loss = F.cross_entropy(model(xb), y[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -89,6 +91,8 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=8, help="epochs to train the dense model")
     p.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning epochs after conversion")
     p.add_argument("--agents", type=int, default=16)
+    p.add_argument("--label", default="position", choices=sorted(NUM_CLASSES),
+                   help="what to classify about the single object (position needs global attention)")
     p.add_argument("--init", default="local", choices=["local", "zero", "official"])
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ft-lr", type=float, default=5e-4)
@@ -105,8 +109,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
-    xtr, ytr = load_split("train", args.train, args.size, args.seed)
-    xva, yva = load_split("validation", args.val, args.size, args.seed + 1)
+    xtr, ytr = load_split("train", args.train, args.size, args.seed, args.label)
+    xva, yva = load_split("validation", args.val, args.size, args.seed + 1, args.label)
     print(f"data: {len(xtr)} train / {len(xva)} val in {time.time() - t0:.0f}s", flush=True)
 
     base = make_vit(args)

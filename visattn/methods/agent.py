@@ -158,6 +158,10 @@ class Agent(AttentionMethod):
             self.layers = tuple(lay)
         self.last_stats: dict = {}
 
+    def reset(self) -> None:
+        """Forget the per-layer path statistics (``last_stats``) of the previous run."""
+        self.last_stats.clear()
+
     # ---- per-call decisions (all from the geometry) -------------------------------------------------------
     def in_agent_phase(self, g: TokenGeometry) -> bool:
         """Whether ``g.step`` falls in ``steps`` (no step known -> True)."""
