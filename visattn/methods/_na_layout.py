@@ -25,6 +25,7 @@ import torch
 
 from ..kernels.layout import BlockLayout
 from ._na_mask import NASpec, axis_windows, make_mask_mod
+from ._na_table import build_mask_table
 
 __all__ = ["choose_tile", "token_permutation", "classify_blocks", "get_layout", "block_counts",
            "default_block_size"]
@@ -144,7 +145,7 @@ def _block_info(spec: NASpec, perm: torch.Tensor, bs: int, tabs) -> dict:
     gridv = grid.view(nb, bs)
     info = {"any_global": ((~gridv) & valid).any(1), "has_grid": gridv.any(1)}
     group = torch.zeros_like(tc)
-    kmin, kmax, umin, umax, ilo, ihi = [], [], [], [], [], []
+    kmin, kmax, umin, umax, ilo, ihi, gax = [], [], [], [], [], [], []
 
     def red(x, fill, op):
         return getattr(torch.where(gridv, x.view(nb, bs), torch.full_like(x.view(nb, bs), fill)), op)(1)
@@ -154,6 +155,7 @@ def _block_info(spec: NASpec, perm: torch.Tensor, bs: int, tabs) -> dict:
         x = (tc // st) % spec.shape[a]
         group = group * spec.dilation[a] + g[x]
         c, l_, h_ = xl[x], lo[x], hi[x]
+        gax.append(red(g[x], _BIG, "amin"))
         kmin.append(red(c, _BIG, "amin"))
         kmax.append(red(c, -_BIG, "amax"))
         umin.append(red(l_, _BIG, "amin"))
@@ -166,7 +168,8 @@ def _block_info(spec: NASpec, perm: torch.Tensor, bs: int, tabs) -> dict:
         vol = vol * (hi_ - lo_ + 1).clamp_min(0)
     distinct = (gridv & valid).sum(1)
     info.update(kmin=torch.stack(kmin, 1), kmax=torch.stack(kmax, 1), umin=torch.stack(umin, 1),
-                umax=torch.stack(umax, 1), ilo=torch.stack(ilo, 1), ihi=torch.stack(ihi, 1), gmin=gmin,
+                umax=torch.stack(umax, 1), ilo=torch.stack(ilo, 1), ihi=torch.stack(ihi, 1), gax=torch.stack(gax, 1),
+                gmin=gmin,
                 gmax=gmax, single=(gmin == gmax) & info["has_grid"],
                 box=(~info["any_global"]) & (gmin == gmax) & (vol == distinct) & info["has_grid"])
     return info
@@ -175,6 +178,11 @@ def _block_info(spec: NASpec, perm: torch.Tensor, bs: int, tabs) -> dict:
 def classify_blocks(spec: NASpec, perm: torch.Tensor, block_size: Tuple[int, int],
                     chunk_pairs: int = 1 << 22) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense bool (nQB, nKB) FULL and PARTIAL matrices in kernel order (exact; see module docstring)."""
+    return _classify(spec, perm, block_size, chunk_pairs)[:2]
+
+
+def _classify(spec: NASpec, perm: torch.Tensor, block_size: Tuple[int, int], chunk_pairs: int = 1 << 22):
+    """``classify_blocks`` plus the per-block infos and per-axis window tables (for the mask table)."""
     bm, bn = block_size
     dev = perm.device
     tabs = [axis_windows(L, k, d, s, c, dev)
@@ -215,7 +223,7 @@ def classify_blocks(spec: NASpec, perm: torch.Tensor, block_size: Tuple[int, int
             any_, all_ = m.any(1), m.all(1)
             full[qb, kb] = all_
             partial[qb, kb] = any_ & ~all_
-    return full, partial
+    return full, partial, qi, ki, tabs
 
 
 def _dense_to_lists(sel: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -247,13 +255,16 @@ def _build(spec: NASpec, block_size: Tuple[int, int], device: torch.device) -> T
     bm, bn = block_size
     tile = choose_tile(spec, math.lcm(bm, bn))
     perm = token_permutation(spec, tile, device)
-    full, partial = classify_blocks(spec, perm, block_size)
+    full, partial, qi, ki, tabs = _classify(spec, perm, block_size)
+    N = spec.seq_len
+    if N % bn:  # layout contract: a ragged last key block is never FULL
+        partial[:, -1] |= full[:, -1]
+        full[:, -1] = False
     f_idx, f_cnt = _dense_to_lists(full)
     p_idx, p_cnt = _dense_to_lists(partial)
     mm = make_mask_mod(spec, device)
-    layout = BlockLayout.from_indices(f_idx, f_cnt, block_size=block_size, seq_lens=spec.seq_len,
-                                      partial_indices=p_idx, partial_counts=p_cnt, mask_mod=mm,
-                                      perm_q=perm, perm_k=perm)
+    table, mask_ids = build_mask_table(spec, perm, block_size, tile, p_idx, p_cnt, qi, ki, tabs, mm)
+    layout = BlockLayout(N, N, bm, bn, f_cnt, f_idx, p_cnt, p_idx, mask_ids, table, perm, perm, mm)
     _dedup_masks(layout)
     layout._cache["tile"] = tile
 
