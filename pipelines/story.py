@@ -136,12 +136,13 @@ class StoryPipeline:
     ``method``: a :class:`visattn.methods.Consistent` (default options from the released app); extra keyword
     options build one. ``bank_device`` ("cpu": offload identity banks), ``bank_dtype``, ``max_bank_bytes``
     configure the identity banks. ``cfg_chunks``: how the wrapped pipeline batches CFG (None: 2 when
-    ``guidance_scale > 1``, 1 for Flux-style pipelines).
+    ``guidance_scale > 1``, 1 for Flux-style pipelines). ``same_noise`` (True, as the app): every panel starts
+    from the seed's initial noise; False gives panel i its own noise (derived from seed and i).
     """
 
     def __init__(self, pipe: Any, method: Any = None, *, mode: str = "bank", bank_device: Optional[str] = "cpu",
                  bank_dtype: Optional[torch.dtype] = None, max_bank_bytes: Optional[int] = None,
-                 cfg_chunks: Optional[int] = None, **method_options: Any) -> None:
+                 cfg_chunks: Optional[int] = None, same_noise: bool = True, **method_options: Any) -> None:
         from visattn.methods import Consistent
 
         if method is None:
@@ -155,6 +156,7 @@ class StoryPipeline:
         self.pipe, self.method, self.mode = pipe, method, mode
         self.bank_device, self.bank_dtype, self.max_bank_bytes = bank_device, bank_dtype, max_bank_bytes
         self.cfg_chunks = cfg_chunks
+        self.same_noise = bool(same_noise)
 
     def _cfg_chunks(self, guidance_scale: float) -> int:
         """CFG split of the denoiser batch. Every panel starts from the same noise, so the adapters' detection
@@ -184,9 +186,10 @@ class StoryPipeline:
         opts = dict(cfg.get("method", {}))
         if "gate" in opts:
             opts["gate"] = tuple(opts["gate"])
-        story = {k: v for k, v in cfg.items() if k in ("mode", "bank_device", "max_bank_bytes", "cfg_chunks")}
+        story = {k: v for k, v in cfg.items() if k in ("mode", "bank_device", "max_bank_bytes", "cfg_chunks", "same_noise")}
         story.update({k: kwargs.pop(k) for k in list(kwargs) if k in ("mode", "bank_device", "max_bank_bytes",
-                                                                      "bank_dtype", "method", "cfg_chunks")})
+                                                                      "bank_dtype", "method", "cfg_chunks",
+                                                                      "same_noise")})
         opts.update(kwargs)
         return cls(pipe, **story, **opts)
 
@@ -202,15 +205,19 @@ class StoryPipeline:
             opts["layers"] = list(opts["layers"])
         with open(os.path.join(path, CONFIG_NAME), "w") as f:
             json.dump({"method": opts, "mode": self.mode, "bank_device": self.bank_device,
-                       "max_bank_bytes": self.max_bank_bytes, "cfg_chunks": self.cfg_chunks}, f, indent=2)
+                       "max_bank_bytes": self.max_bank_bytes, "cfg_chunks": self.cfg_chunks,
+                       "same_noise": self.same_noise}, f, indent=2)
 
     def to(self, device: Union[str, torch.device]) -> "StoryPipeline":
         self.pipe.to(device)
         return self
 
     # ------------------------------------------------------------------ generation
-    def _run(self, prompts: List[str], seed: int, kw: Dict[str, Any]) -> List[Any]:
-        gens = [torch.Generator(device="cpu").manual_seed(seed) for _ in prompts]  # same initial noise per panel
+    def _run(self, prompts: List[str], seed: int, kw: Dict[str, Any], panel_ids: Sequence[int] = ()) -> List[Any]:
+        if self.same_noise:  # the released app: every panel starts from the seed's noise
+            gens = [torch.Generator(device="cpu").manual_seed(seed) for _ in prompts]
+        else:
+            gens = [torch.Generator(device="cpu").manual_seed(seed + 1000003 * (i + 1)) for i in panel_ids]
         res = self.pipe(prompt=prompts, generator=gens, output_type="pil", **kw)
         return list(res.images)
 
@@ -270,7 +277,7 @@ class StoryPipeline:
                         # panels without a character never share; a batch of one is exactly plain attention
                         chunks = [[i] for i in idx] if not names else [idx]
                         for ch in chunks:
-                            for i, im in zip(ch, self._run([prompts[i] for i in ch], seed, kw)):
+                            for i, im in zip(ch, self._run([prompts[i] for i in ch], seed, kw, ch)):
                                 images[i] = im
                 else:
                     for name in desc:
@@ -285,7 +292,8 @@ class StoryPipeline:
                         ident[name] = solo[:L]
                         bank = self._new_bank(name, desc[name])
                         m.set_write(bank)
-                        for i, im in zip(ident[name], self._run([prompts[i] for i in ident[name]], seed, kw)):
+                        for i, im in zip(ident[name], self._run([prompts[i] for i in ident[name]], seed, kw,
+                                                                 ident[name])):
                             images[i] = im
                         banks[name] = bank
                     for i, names in enumerate(who):
@@ -295,7 +303,7 @@ class StoryPipeline:
                             m.set_read(*[banks[n] for n in names])
                         else:
                             m.set_batch()
-                        images[i] = self._run([prompts[i]], seed, kw)[0]
+                        images[i] = self._run([prompts[i]], seed, kw, [i])[0]
             finally:
                 m.set_batch()
         strip = comic_strip(images, caps if captions else None, columns=columns)

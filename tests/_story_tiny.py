@@ -12,15 +12,15 @@ def tiny_tokenizer(max_length: int = 16):
                          eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def tiny_sd_pipeline(seed: int = 0, sample_size: int = 16):
+def tiny_sd_pipeline(seed: int = 0, sample_size: int = 16, max_length: int = 16):
     """StableDiffusionPipeline with a 2-level UNet (self-attention in down and up blocks), random weights."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer(max_length)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=max_length,
                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                         pad_token_id=tok.pad_token_id))
     unet = UNet2DConditionModel(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
