@@ -99,7 +99,9 @@ class BipartiteGraph:
             src = self._gather(x4, msrc_pos)
             b, m, _, c = x4.shape
             idx = mdst[:, None, :, None].expand(b, m, mdst.shape[1], c)
-            dst = dst.scatter_reduce(2, idx, src, reduce="mean", include_self=True)
+            # fp32 accumulation: exact means for half inputs and no reliance on half-precision atomics
+            acc = torch.promote_types(x.dtype, torch.float32)
+            dst = dst.to(acc).scatter_reduce(2, idx, src.to(acc), reduce="mean", include_self=True).to(x.dtype)
         out = torch.cat([unm, dst], dim=2)
         return out.squeeze(1) if squeeze else out
 
