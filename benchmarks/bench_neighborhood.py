@@ -3,6 +3,8 @@
     python benchmarks/bench_neighborhood.py --quick        # H100: forward, few repetitions, no end-to-end
     python benchmarks/bench_neighborhood.py                # H100: + forward+backward, Flex baselines, end to end
     python benchmarks/bench_neighborhood.py --stats-only   # block counts of the shapes (any device)
+    python benchmarks/bench_neighborhood.py --cases 3d-na,3d-gna --no-e2e   # split a full run (results merge)
+    python benchmarks/bench_neighborhood.py --e2e-only
 
 Every "ours" time includes the token permutation (gather in, inverse gather out); the kernel alone and the
 permutation alone are reported too. Layout build time (first call, then cached) is reported separately.
@@ -289,8 +291,12 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--quick", action="store_true", help="forward only, few repetitions, no end-to-end")
     ap.add_argument("--stats-only", action="store_true", help="block counts of the issue's shapes, no timing")
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
-    ap.add_argument("--no-e2e", action="store_true")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/bench_neighborhood[_stats|_cpu].json)")
+    ap.add_argument("--no-e2e", action="store_true", help="full mode without the end-to-end step")
+    ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end step")
+    ap.add_argument("--fresh", action="store_true", help="do not merge into an existing JSON")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/bench_neighborhood[_quick|_stats|_cpu].json); rows of the "
+                         "cases run replace stored rows of the same case, so a run can be split with --cases")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -311,25 +317,36 @@ def main(argv: Optional[list] = None) -> None:
     reps, warmup = (5, 2) if args.quick else (20, 3)
     if not cuda:
         reps, warmup = 2, 1
-    rows = []
-    for name, dims, kernel, stride, target in pick(CASES if cuda else TINY):
-        r = run_case(name, dims, kernel, stride, target, reps=reps, warmup=warmup, device=device, dtype=dtype,
-                     full=not args.quick)
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-    result = {"meta": meta, "kernels": rows}
-    if not args.quick and not args.no_e2e:
+    suffix = "_quick" if args.quick else ""
+    out = args.out or os.path.join(HERE, f"bench_neighborhood{suffix}.json" if cuda else "bench_neighborhood_cpu.json")
+    result = {"meta": meta, "kernels": [], "e2e": None}
+    if os.path.exists(out) and not args.fresh:  # merge: rows of cases run now replace the stored ones
+        with open(out) as f:
+            old = json.load(f)
+        result["kernels"], result["e2e"] = old.get("kernels", []), old.get("e2e")
+    order = [c[0] for c in CASES + TINY]
+    if not args.e2e_only:
+        for name, dims, kernel, stride, target in pick(CASES if cuda else TINY):
+            t0 = time.perf_counter()
+            r = run_case(name, dims, kernel, stride, target, reps=reps, warmup=warmup, device=device, dtype=dtype,
+                         full=not args.quick)
+            r["bench_wall_s"] = time.perf_counter() - t0
+            r["meta"] = meta
+            result["kernels"] = [x for x in result["kernels"] if x.get("case") != name] + [r]
+            print(json.dumps(r, default=str), flush=True)
+        result["kernels"].sort(key=lambda x: order.index(x["case"]) if x.get("case") in order else len(order))
+    if args.e2e_only or (not args.quick and not args.no_e2e):
         result["e2e"] = _try(lambda: run_e2e(device, dtype, reps=5 if cuda else 1))
-        print(json.dumps(result["e2e"]), flush=True)
+        print(json.dumps(result["e2e"], default=str), flush=True)
     print()
-    print_table(rows, ["case", "shape", "kernel", "stride", "full", "partial", "empty", "dense_ms", "ours_ms",
-                       "ours_kernel_ms", "permute_ms", "speedup_x", "target_x", "useful_tflops", "ours_128x64_ms",
-                       "flex_same_layout_ms", "flex_natten_style_ms", "fwd_bwd_speedup_x", "max_abs_err_vs_fp32"])
+    print_table(result["kernels"], ["case", "shape", "kernel", "stride", "full", "partial", "empty", "dense_ms",
+                                    "ours_ms", "ours_kernel_ms", "permute_ms", "speedup_x", "target_x",
+                                    "useful_tflops", "ours_128x64_ms", "flex_same_layout_ms", "flex_natten_style_ms",
+                                    "fwd_bwd_speedup_x", "layout_build_s", "max_abs_err_vs_fp32"])
     if isinstance(result.get("e2e"), dict):
         print()
         print_table([result["e2e"]], ["e2e", "kernel", "dense_ms", "na_ms", "gna_ms", "na_speedup_x",
                                       "gna_speedup_x", "dense_peak_gib", "na_peak_gib", "gna_peak_gib"])
-    out = args.out or os.path.join(HERE, "bench_neighborhood.json" if cuda else "bench_neighborhood_cpu.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"wrote {out}")
