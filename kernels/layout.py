@@ -373,6 +373,12 @@ class BlockLayout:
         self._cache["transposed"] = out
         return out
 
+    def to_flex_block_mask(self):
+        """This layout as a torch FlexAttention ``BlockMask`` in kernel order (FULL lists -> ``full_kv_*``,
+        PARTIAL lists -> ``kv_*`` with a ``mask_mod`` reading ``mask_table``); see ``flex_backend.py``."""
+        from .flex_backend import to_flex_block_mask
+        return to_flex_block_mask(self)
+
     def to(self, device: Union[str, torch.device]) -> "BlockLayout":
         """Copy to another device (mask_mod kept)."""
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -210,9 +210,11 @@ def test_flex_parity_cpu_no_grad():
     fin = torch.isfinite(tl_)
     assert torch.equal(torch.isfinite(fl), fin)
     assert (fl - tl_)[fin].abs().max().item() <= 1e-4
-    from visattn.kernels.flex_backend import to_flex_block_mask
-    bm = to_flex_block_mask(lay)
+    bm = lay.to_flex_block_mask()
     assert torch.equal(bm.full_kv_num_blocks, lay.full_counts)
+    assert torch.equal(bm.kv_num_blocks, lay.partial_counts)
+    from torch.nn.attention.flex_attention import create_mask
+    assert torch.equal(create_mask(bm.mask_mod, 2, 1, 50, 70, device="cpu"), lay.to_dense(original_order=False))
     with pytest.raises(RuntimeError, match="no backward on CPU"):
         block_sparse_attention(q.requires_grad_(), k, v, lay, backend="flex")
 
