@@ -380,3 +380,17 @@ def test_signature_shared_masks_equal_oracle(shape, kern, dil, stride, causal, b
     layout = nl.get_layout(spec, block, "cpu")
     assert layout.stats()["partial"] > 1.5 * layout.mask_table.shape[0]
     assert torch.equal(layout.to_dense()[0, 0], oracle_mask(shape, kern, dil, stride, causal, 2, 1))
+
+
+def test_kernel_order_inputs_skip_the_permutation():
+    from visattn.methods.neighborhood import neighborhood_layout
+    shape, kern, glob = (10, 14), (5, 4), (1, 2)
+    N = 140 + 3
+    q, k, v = torch.randn(3, 2, 2, N, 8, dtype=torch.float64).unbind(0)
+    kw = dict(spatial_shape=shape, kernel_size=kern, stride=(1, 2), num_global_tokens=glob, block_size=16)
+    ref = neighborhood_attention(q, k, v, **kw)
+    lay = neighborhood_layout(shape, kern, stride=(1, 2), num_global_tokens=glob, block_size=16)
+    p = lay.perm_q
+    out = neighborhood_attention(q[:, :, p], k[:, :, p], v[:, :, p], kernel_order=True, **kw)
+    torch.testing.assert_close(out[:, :, lay.inv_perm_q], ref, atol=1e-12, rtol=0)
+    assert not torch.allclose(out, ref)  # really in another order

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 
 from ..geometry import TokenGeometry
 from ..kernels.dispatch import block_sparse_attention
+from ..kernels.layout import BlockLayout
 from ._na_layout import block_counts, default_block_size, get_layout
 from ._na_mask import NASpec, make_mask_mod
 from .base import AttentionMethod, register_method
 
-__all__ = ["neighborhood_attention", "Neighborhood"]
+__all__ = ["neighborhood_attention", "neighborhood_layout", "Neighborhood"]
 
 _log = logging.getLogger("visattn")
 _MAX_DENSE_WITH_MASK = 16384
@@ -104,12 +105,15 @@ def clipped_spec(grid: Tuple[int, ...], kernel_size, dilation, stride, is_causal
     return NASpec(tuple(grid), k, d, s, c, prefix, suffix)
 
 
-def _attend(q, k, v, spec: NASpec, scale, backend: str, block_size) -> torch.Tensor:
-    if spec.is_dense and backend == "auto":
+def _blocks(block_size, device, head_dim: int) -> Tuple[int, int]:
+    bs = block_size or default_block_size(device, head_dim)
+    return (bs, bs) if isinstance(bs, int) else tuple(bs)
+
+
+def _attend(q, k, v, spec: NASpec, scale, backend: str, block_size, kernel_order: bool = False) -> torch.Tensor:
+    if spec.is_dense and backend == "auto":  # every key for every query: order-independent dense attention
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    bs = block_size or default_block_size(q.device, q.shape[-1])
-    bs = (bs, bs) if isinstance(bs, int) else tuple(bs)
-    layout = get_layout(spec, bs, q.device)
+    layout = get_layout(spec, _blocks(block_size, q.device, q.shape[-1]), q.device, kernel_order=kernel_order)
     return block_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
 
 
@@ -117,7 +121,8 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            kernel_size: IntOrTuple, dilation: IntOrTuple = 1, stride: IntOrTuple = 1,
                            is_causal: BoolOrTuple = False, scale: Optional[float] = None, backend: str = "auto",
                            num_global_tokens: Union[int, Tuple[int, int]] = 0,
-                           block_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+                           block_size: Optional[Union[int, Tuple[int, int]]] = None,
+                           kernel_order: bool = False) -> torch.Tensor:
     """Neighborhood attention with NATTEN's semantics on (B, H, N, D) tensors (k/v may have fewer heads).
 
     The sequence is ``[prefix globals][prod(spatial_shape) grid tokens, row-major][suffix globals]``.
@@ -126,7 +131,10 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     token attends to them. ``kernel_size``, ``dilation``, ``stride`` and ``is_causal`` take one value or
     one per axis. ``backend``: "auto" (Triton on CUDA, exact dense reference on CPU), "triton", "flex",
     "sdpa". With kernel == extent on every axis and nothing causal, "auto" runs plain dense SDPA.
-    ``block_size`` overrides the kernel's (query, key) block sizes. Returns (B, H, N, D).
+    ``block_size`` overrides the kernel's (query, key) block sizes. ``kernel_order=True``: q/k/v are already
+    in the layout's token order (``x[..., neighborhood_layout(...).perm_q, :]``) and so is the output, which
+    skips the gather/scatter (keep a whole network in kernel order: per-token layers commute with it).
+    Returns (B, H, N, D).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -136,7 +144,19 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if q.shape[2] != spec.seq_len or k.shape[2] != spec.seq_len:
         raise ValueError(f"spatial_shape {spec.shape} with {spec.prefix}+{spec.suffix} global tokens needs "
                          f"N={spec.seq_len} tokens, but q has {q.shape[2]} and k has {k.shape[2]}")
-    return _attend(q, k, v, spec, scale, backend, block_size)
+    return _attend(q, k, v, spec, scale, backend, block_size, kernel_order)
+
+
+def neighborhood_layout(spatial_shape: Sequence[int], kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+                        stride: IntOrTuple = 1, is_causal: BoolOrTuple = False, *,
+                        num_global_tokens: Union[int, Tuple[int, int]] = 0, device="cpu", head_dim: int = 64,
+                        block_size: Optional[Union[int, Tuple[int, int]]] = None) -> BlockLayout:
+    """The cached :class:`BlockLayout` that ``neighborhood_attention`` uses for these arguments on ``device``
+    (with q's ``head_dim``, or the same ``block_size``): ``.perm_q`` maps kernel position -> original token,
+    ``.inv_perm_q`` the reverse, ``.stats()`` gives full/partial/empty block counts."""
+    spec = make_spec(spatial_shape, kernel_size, dilation, stride, is_causal, num_global_tokens)
+    dev = torch.device(device)
+    return get_layout(spec, _blocks(block_size, dev, head_dim), dev)
 
 
 @register_method("neighborhood")
