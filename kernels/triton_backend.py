@@ -423,8 +423,8 @@ def _layout_info(layout: BlockLayout) -> dict:
 def _common_consts(q: torch.Tensor, layout: BlockLayout) -> dict:
     D = q.shape[-1]
     info = _layout_info(layout)
-    return dict(HAS_FULL=info["HAS_FULL"], HAS_PARTIAL=info["HAS_PARTIAL"], HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_M=layout.block_m, BLOCK_N=layout.block_n,
-                MASK_WORDS=layout.mask_table.shape[-1], UPCAST=INTERPRET and q.dtype != torch.float32,
+    return dict(HAS_FULL=info["HAS_FULL"], HAS_PARTIAL=info["HAS_PARTIAL"], HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)),
+                BLOCK_M=layout.block_m, BLOCK_N=layout.block_n, MASK_WORDS=layout.mask_table.shape[-1], UPCAST=INTERPRET and q.dtype != torch.float32,
                 DOT_PREC=_dot_prec(q.dtype))
 
 

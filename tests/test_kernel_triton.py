@@ -282,3 +282,38 @@ def test_sub_tiles_and_tma_match_reference(small_tiles):
     ro = masked_attention(qd, kd, vd, lay.to_dense())
     for g, r in zip(grads, torch.autograd.grad(ro, (qd, kd, vd), go.double())):
         assert (g.double() - r).abs().max().item() <= 5e-5 * max(1.0, r.abs().max().item())
+
+
+@pytest.fixture
+def pointer_loads():
+    """Forward with plain pointer loads (no tensor descriptors), the path taken when TMA is off or unusable."""
+    saved = dict(tb.CONFIG_OVERRIDES)
+    tb.CONFIG_OVERRIDES[("fwd", None, None, None, None)] = {"tma": False}
+    tb.CONFIG_OVERRIDES[("fwd_short", None, None, None, None)] = {"tma": False}
+    yield
+    tb.CONFIG_OVERRIDES.clear()
+    tb.CONFIG_OVERRIDES.update(saved)
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_non_contiguous_heads_last_inputs(tma, request):
+    """q/k/v as (B, N, H, D) buffers viewed as (B, H, N, D), like the adapters pass them."""
+    if not tma:
+        request.getfixturevalue("pointer_loads")
+    mod = _hash_mod(salt=6)
+    lay = BlockLayout.from_mask_mod(mod, batch=None, heads=None, seq_lens=(40, 56), block_size=16, device=DEV)
+    q = torch.randn(1, 40, 2, 64, device=DEV).transpose(1, 2)
+    k = torch.randn(1, 56, 2, 64, device=DEV).transpose(1, 2)
+    v = torch.randn(1, 56, 2, 64, device=DEV).transpose(1, 2)
+    assert not q.is_contiguous()
+    out, lse = block_sparse_attention(q, k, v, lay, backend="triton", return_lse=True)
+    _check(out, lse, *_ref(q, k, v, lay.to_dense()), torch.float32)
+
+
+def test_head_dim_256_and_32():
+    mod = _hash_mod(salt=7)
+    lay = BlockLayout.from_mask_mod(mod, batch=None, heads=None, seq_lens=(32, 48), block_size=16, device=DEV)
+    for D in (256, 32):
+        q, k, v = _inputs(1, 1, 1, 32, 48, D, torch.float16)
+        out, lse = block_sparse_attention(q, k, v, lay, backend="triton", return_lse=True)
+        _check(out, lse, *_ref(q, k, v, lay.to_dense()), torch.float16)
