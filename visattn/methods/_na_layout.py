@@ -15,11 +15,10 @@ tokens) are settled by evaluating the element predicate on just those pairs. No 
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections import OrderedDict
 from dataclasses import replace
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
