@@ -137,15 +137,15 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
                     with gr.Column(scale=1):
                         ex_method = MethodControls("ex", default=_first_sparse())
                         with gr.Row():
-                            ex_rows = gr.Number(value=28, precision=0, label="Grid rows", minimum=1,
+                            ex_rows = gr.Number(value=56, precision=0, label="Grid rows", minimum=1,
                                                 maximum=explorer.MAX_GRID, key="ex-rows")
-                            ex_cols = gr.Number(value=28, precision=0, label="Grid columns", minimum=1,
+                            ex_cols = gr.Number(value=56, precision=0, label="Grid columns", minimum=1,
                                                 maximum=explorer.MAX_GRID, key="ex-cols")
                             ex_images = gr.Number(value=1, precision=0, label="Images in batch", minimum=1,
                                                   maximum=8, key="ex-images")
                         with gr.Row():
-                            ex_qr = gr.Number(value=14, precision=0, label="Query row", minimum=0, key="ex-qr")
-                            ex_qc = gr.Number(value=14, precision=0, label="Query column", minimum=0, key="ex-qc")
+                            ex_qr = gr.Number(value=20, precision=0, label="Query row", minimum=0, key="ex-qr")
+                            ex_qc = gr.Number(value=12, precision=0, label="Query column", minimum=0, key="ex-qc")
                         ex_btn = gr.Button("Show pattern", variant="primary", elem_id="ex-button")
                     with gr.Column(scale=1):
                         ex_image = gr.Image(label="Keys attended (click a square to pick the query)", type="pil",
