@@ -6,6 +6,9 @@ then its PARTIAL blocks, whose bit-packed element masks are read from ``layout.m
 softmax in base 2 with the scale folded in (``exp2(s * scale * log2 e)``), fp32 accumulation, fp32
 log-sum-exp out. Rows with no kept key give 0 and LSE ``-inf`` with no NaN.
 
+When a layout's rows differ a lot in length (longest > 1.25x mean: causal, borders) programs take rows
+longest-first within each head (an order table per layout row), so short rows fill the tail of the grid.
+
 Backward (deterministic, no atomics): one kernel per query block computes ``delta = rowsum(dO * O) - dLSE``
 and dQ over the forward lists; one kernel per (key block, batch*kv_head) computes dK/dV over the
 layout's transposed lists, summing the query heads of a GQA group in a fixed order.
@@ -170,14 +173,17 @@ if triton is not None:
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr,
                     DOT_PREC: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
-                    HAS_FULL: tl.constexpr, HAS_PARTIAL: tl.constexpr):
+                    HAS_FULL: tl.constexpr, HAS_PARTIAL: tl.constexpr, ORDER, REORDER: tl.constexpr):
         SPLIT: tl.constexpr = BLOCK_M // TM
         pid = tl.program_id(0)
         bh = tl.program_id(1)
-        qb = pid // SPLIT
         b = bh // H
         h = bh % H
         hk = h // GROUP
+        if REORDER:  # longest rows first (layout rows of very different lengths)
+            qb = tl.load(ORDER + b * lay_sb + h * lay_sh + pid // SPLIT)
+        else:
+            qb = pid // SPLIT
         EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
         m_loc = (pid % SPLIT) * TM + tl.arange(0, TM)
         offs_m = qb * BLOCK_M + m_loc
@@ -253,14 +259,17 @@ if triton is not None:
                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr,
                        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DLSE: tl.constexpr,
-                       HAS_FULL: tl.constexpr, HAS_PARTIAL: tl.constexpr):
+                       HAS_FULL: tl.constexpr, HAS_PARTIAL: tl.constexpr, ORDER, REORDER: tl.constexpr):
         SPLIT: tl.constexpr = BLOCK_M // TM
         pid = tl.program_id(0)
         bh = tl.program_id(1)
-        qb = pid // SPLIT
         b = bh // H
         h = bh % H
         hk = h // GROUP
+        if REORDER:  # longest rows first (layout rows of very different lengths)
+            qb = tl.load(ORDER + b * lay_sb + h * lay_sh + pid // SPLIT)
+        else:
+            qb = pid // SPLIT
         EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
         m_loc = (pid % SPLIT) * TM + tl.arange(0, TM)
         offs_m = qb * BLOCK_M + m_loc
@@ -342,13 +351,16 @@ if triton is not None:
                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr,
                          UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, HAS_FULL: tl.constexpr,
-                         HAS_PARTIAL: tl.constexpr):
+                         HAS_PARTIAL: tl.constexpr, ORDER, REORDER: tl.constexpr):
         SPLIT: tl.constexpr = BLOCK_N // TN
         pid = tl.program_id(0)
         bhk = tl.program_id(1)
-        kb = pid // SPLIT
         b = bhk // HKV
         hk = bhk % HKV
+        if REORDER:  # longest transposed rows (of the group's first head) first
+            kb = tl.load(ORDER + b * lay_sb + (hk * GROUP) * lay_sh + pid // SPLIT)
+        else:
+            kb = pid // SPLIT
         EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
         offs_tm = tl.arange(0, TM)
         n0 = (pid % SPLIT) * TN
@@ -420,6 +432,35 @@ def _layout_info(layout: BlockLayout) -> dict:
     return layout._cache["triton_info"]
 
 
+REORDER_RATIO = 1.25
+
+
+def _row_order(counts: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per (Bl, Hl) row: block indices sorted by list length, longest first, when the longest row is more
+    than ``REORDER_RATIO`` x the mean (else None: natural order). int32, same shape as ``counts``."""
+    c = counts.float()
+    if c.numel() == 0 or float(c.max()) <= REORDER_RATIO * max(float(c.mean()), 1e-9):
+        return None
+    return torch.argsort(counts, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+
+
+def _orders(layout: BlockLayout, transposed: bool) -> Optional[torch.Tensor]:
+    key = "triton_order_t" if transposed else "triton_order"
+    if key not in layout._cache:
+        if transposed:
+            t = layout.transposed()
+            counts = t["full_counts"] + t["partial_counts"]
+        else:
+            counts = layout.full_counts + layout.partial_counts
+        layout._cache[key] = _row_order(counts)
+    return layout._cache[key]
+
+
+def _order_args(layout: BlockLayout, transposed: bool) -> dict:
+    order = _orders(layout, transposed)
+    return {"ORDER": order if order is not None else layout.full_counts, "REORDER": order is not None}
+
+
 def _common_consts(q: torch.Tensor, layout: BlockLayout) -> dict:
     D = q.shape[-1]
     info = _layout_info(layout)
@@ -465,7 +506,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool):
         layout.partial_mask_ids, layout.mask_table, lay_sb, lay_sh,
         layout.full_indices.shape[-1], layout.partial_indices.shape[-1],
         H, H // Hkv, Nq, Nk, scale * LOG2E, TM=cfg["TM"], TN=cfg["TN"], STORE_LSE=need_lse, USE_TMA=use_tma,
-        **c, **opts)
+        **_order_args(layout, False), **c, **opts)
     return o, (lse if need_lse else None)
 
 
@@ -488,7 +529,8 @@ def _backward(do, q, k, v, o, lse, dlse, layout: BlockLayout, scale: float):
         layout.full_counts, layout.full_indices, layout.partial_counts, layout.partial_indices,
         layout.partial_mask_ids, layout.mask_table, lay_sb, lay_sh,
         layout.full_indices.shape[-1], layout.partial_indices.shape[-1],
-        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, TM=cfg["TM"], TN=cfg["TN"], HAS_DLSE=has_dlse, **c, **opts)
+        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, TM=cfg["TM"], TN=cfg["TN"], HAS_DLSE=has_dlse,
+        **_order_args(layout, False), **c, **opts)
     t = layout.transposed()
     tsb, tsh = _row_strides(layout, nkb)
     cfg, opts = _launch("bwd_dkdv", c, q.dtype)
@@ -497,7 +539,8 @@ def _backward(do, q, k, v, o, lse, dlse, layout: BlockLayout, scale: float):
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         t["full_counts"], t["full_indices"], t["partial_counts"], t["partial_indices"], t["partial_mask_ids"],
         layout.mask_table, tsb, tsh, t["full_indices"].shape[-1], t["partial_indices"].shape[-1],
-        H, Hkv, H // Hkv, Nq, Nk, scale * LOG2E, scale, TM=cfg["TM"], TN=cfg["TN"], **c, **opts)
+        H, Hkv, H // Hkv, Nq, Nk, scale * LOG2E, scale, TM=cfg["TM"], TN=cfg["TN"], **_order_args(layout, True),
+        **c, **opts)
     return dq, dk, dv
 
 
