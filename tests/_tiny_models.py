@@ -11,7 +11,8 @@ import torch
 __all__ = [
     "tiny_unet", "unet_inputs", "tiny_sdxl_unet", "sdxl_unet_inputs", "tiny_sd3", "sd3_inputs", "tiny_flux",
     "flux_inputs", "tiny_wan", "wan_inputs", "tiny_cogvideox", "cogvideox_inputs", "tiny_vit", "tiny_swin",
-    "tiny_qwen2_vl", "qwen_inputs", "tiny_sd_pipeline", "pipeline_kwargs",
+    "tiny_qwen2_vl", "qwen_inputs", "tiny_sd_pipeline", "pipeline_kwargs", "tiny_flux_pipeline",
+    "flux_pipeline_kwargs",
 ]
 
 
@@ -216,4 +217,26 @@ def pipeline_kwargs(batch: int = 1, steps: int = 2, height: int = 32, width: int
     return dict(prompt_embeds=torch.randn(batch, 7, 32, generator=g),
                 negative_prompt_embeds=torch.randn(batch, 7, 32, generator=g), num_inference_steps=steps,
                 height=height, width=width, guidance_scale=guidance_scale, output_type="np",
+                generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """FluxPipeline (tiny transformer + VAE, no text encoders): call with ``flux_pipeline_kwargs()``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    transformer = tiny_flux(seed)
+    _seeded(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32, sample_size=32,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_pipeline_kwargs(steps: int = 2, height: int = 24, width: int = 40, seed: int = 0) -> Dict:
+    g = torch.Generator().manual_seed(2000 + seed)
+    return dict(prompt_embeds=torch.randn(1, 5, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+                height=height, width=width, num_inference_steps=steps, max_sequence_length=5, output_type="np",
                 generator=torch.Generator().manual_seed(seed))

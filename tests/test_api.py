@@ -184,3 +184,20 @@ def test_cli_writes_png(tmp_path, capsys):
     assert cli.main(["--method", "dense", "--option", "bogus=1", "--out", str(out)]) == 2
     with pytest.raises(SystemExit):
         cli.main(["--method", "no_such_method", "--out", str(out)])
+
+
+def test_flux_pipeline_geometry_and_parity():
+    pipe = tm.tiny_flux_pipeline()
+    with torch.no_grad():
+        ref = pipe(**tm.flux_pipeline_kwargs()).images
+        rec = Recorder()
+        with visattn.apply(pipe, rec) as h:
+            n_layers = len(h.layers)
+            out = pipe(**tm.flux_pipeline_kwargs()).images
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    assert n_layers == 2 and len(rec.log) == 4  # double + single block, 2 steps
+    # 24x40 image, VAE x2, packed 2x2 -> 6x10 tokens after the 5 text tokens; no batched CFG
+    assert all(g.grid == (6, 10) and g.spatial_start == 5 and g.seq_len == 65 for g in rec.log)
+    assert [g.step for g in rec.log] == [0, 0, 1, 1] and {g.num_steps for g in rec.log} == {2}
+    assert {g.cfg_chunks for g in rec.log} == {1} and rec.log[0].seed is not None
+    assert "set_timesteps" not in pipe.scheduler.__dict__

@@ -12,6 +12,7 @@ When applied to a pipeline, the scheduler's ``set_timesteps`` is wrapped (instan
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any, Dict, List, Optional
@@ -189,6 +190,7 @@ def _wrap_scheduler(pipe: Any, state: RunState, inst: Installed) -> None:
     prev = sched.__dict__.get("set_timesteps")
     orig = sched.set_timesteps
 
+    @functools.wraps(orig)  # pipelines inspect its signature (retrieve_timesteps checks for sigmas=)
     def set_timesteps(*a, **k):
         out = orig(*a, **k)
         n = getattr(sched, "num_inference_steps", None)

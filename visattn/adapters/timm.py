@@ -65,7 +65,8 @@ def plan(model: torch.nn.Module, layers) -> list:
 def _vit_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
     ctx: LayerCtx = self._visattn_ctx
     B, N, C = x.shape
-    gate = self.gate(x).sigmoid() if self.gate is not None else None
+    gate_mod = getattr(self, "gate", None)  # gated attention (newer timm)
+    gate = gate_mod(x).sigmoid() if gate_mod is not None else None
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
@@ -75,7 +76,7 @@ def _vit_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
     st = ctx.state
     grid = st.grid if st.grid is not None and st.spatial_start + math.prod(st.grid) == N else None
     x = ctx.attend(q, k, v, ctx.geometry(q, k, grid=grid, spatial_start=st.spatial_start), attn_mask=attn_mask)
-    x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+    x = x.transpose(1, 2).reshape(B, N, getattr(self, "attn_dim", C))
     x = self.norm(x)
     if gate is not None:
         x = x * gate
