@@ -201,3 +201,15 @@ def test_flux_pipeline_geometry_and_parity():
     assert [g.step for g in rec.log] == [0, 0, 1, 1] and {g.num_steps for g in rec.log} == {2}
     assert {g.cfg_chunks for g in rec.log} == {1} and rec.log[0].seed is not None
     assert "set_timesteps" not in pipe.scheduler.__dict__
+
+
+def test_applied_model_can_be_collected():
+    import gc
+    import weakref
+
+    unet = tm.tiny_unet()
+    visattn.apply(unet, "dense")  # never removed
+    ref = weakref.ref(unet)
+    del unet
+    gc.collect()
+    assert ref() is None

@@ -1,7 +1,6 @@
 """Public entry points: ``apply(target, method, layers=..., **options) -> Handle`` and ``remove(target)``."""
 from __future__ import annotations
 
-import weakref
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -13,8 +12,13 @@ from .methods.base import AttentionMethod, get_method
 
 __all__ = ["apply", "remove", "Handle", "active_handle"]
 
-# model (denoiser / timm model / PreTrainedModel) -> the Handle that currently drives it
-_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, Handle]" = weakref.WeakKeyDictionary()
+# the Handle driving a model is kept on the model (plain attribute, not in state_dict; a module-level map
+# would keep every applied model alive)
+_ATTR = "_visattn_handle"
+
+
+def _get(model: torch.nn.Module) -> Optional["Handle"]:
+    return model.__dict__.get(_ATTR)
 
 
 class Handle:
@@ -42,8 +46,8 @@ class Handle:
         while self._installs:
             model, inst = self._installs.pop()
             inst.remove()
-            if _ACTIVE.get(model) is self:
-                del _ACTIVE[model]
+            if _get(model) is self:
+                del model.__dict__[_ATTR]
 
     def __enter__(self) -> "Handle":
         return self
@@ -78,7 +82,7 @@ def apply(target: Any, method: Union[str, AttentionMethod], *, layers: LayerSpec
     models = adapter.resolve(target)
     plans = [(model, adapter.plan(model, layers)) for model in models]  # validates before touching anything
     for model in models:
-        old = _ACTIVE.get(model)
+        old = _get(model)
         if old is not None:
             old.remove()
     m.reset()
@@ -88,7 +92,7 @@ def apply(target: Any, method: Union[str, AttentionMethod], *, layers: LayerSpec
         for model, plan in plans:
             inst = adapter.install(target, model, plan, m, state)
             handle._installs.append((model, inst))
-            _ACTIVE[model] = handle
+            model.__dict__[_ATTR] = handle
     except BaseException:
         handle.remove()
         raise
@@ -100,7 +104,7 @@ def remove(target: Any) -> bool:
     adapter = find_adapter(target)
     removed = False
     for model in adapter.resolve(target):
-        h = _ACTIVE.get(model)
+        h = _get(model)
         if h is not None:
             h.remove()
             removed = True
@@ -109,4 +113,4 @@ def remove(target: Any) -> bool:
 
 def active_handle(model: torch.nn.Module) -> Optional[Handle]:
     """The Handle currently driving ``model`` (a denoiser / timm model / PreTrainedModel), or None."""
-    return _ACTIVE.get(model)
+    return _get(model)
