@@ -244,8 +244,8 @@ class Neighborhood(AttentionMethod):
         spec = self.spec_for(geometry)
         if spec is None:
             return None
-        bs = self.block_size or (128, 128)
-        return dict(_cached_counts(spec, (bs, bs) if isinstance(bs, int) else tuple(bs)))
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the method would run
+        return dict(_cached_counts(spec, _blocks(self.block_size, dev, 128)))
 
 
 @lru_cache(maxsize=128)
