@@ -23,7 +23,18 @@ from .widgets import (SIZE_NAMES, MethodControls, ProgressAdapter, as_int, make_
 
 __all__ = ["build_app", "main"]
 
-CSS = ".visattn-small textarea {font-family: monospace}"
+CSS = "#gen-image img, .visattn-pixels img {image-rendering: pixelated}"
+
+
+def stats_table(rows: List[Dict[str, Any]]):
+    """Layout statistics rows (one per attention level) as a table; empty when the method reports none."""
+    import pandas as pd
+
+    cols: List[str] = []
+    for row in rows:
+        cols += [k for k in row if k not in cols]
+    return pd.DataFrame([{c: ("" if row.get(c) is None else str(row.get(c))) for c in cols} for row in rows],
+                        columns=cols or ["grid", "queries", "keys", "density"])
 
 
 def _story_pipeline_class():
@@ -54,16 +65,17 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
                         prompt = gr.Textbox(label="Prompt", value="", placeholder="a red star on a blue background",
                                             elem_id="gen-prompt", key="gen-prompt")
                         negative = gr.Textbox(label="Negative prompt", value="", key="gen-negative")
-                        gen_method = MethodControls("gen")
+                        gen_method = MethodControls("gen", default=_first_sparse())
                         width, height, steps, guidance, seed = size_controls("gen", size, n_steps)
                         with gr.Row():
                             gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-button")
                             gen_cancel = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
                     with gr.Column(scale=1):
-                        gen_image = gr.Image(label="Image", type="pil", format="png", interactive=False,
+                        gen_image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=384,
                                              elem_id="gen-image")
                         gen_timing = gr.Textbox(label="Timing and memory", interactive=False, elem_id="gen-timing")
-                        gen_stats = gr.JSON(label="Layout statistics (per attention level)", elem_id="gen-stats")
+                        gen_stats = gr.Dataframe(label="Layout statistics (per self-attention level)",
+                                                 elem_id="gen-stats", interactive=False)
 
                 def on_generate(*args):
                     progress, args = args[-1], args[:-1]
@@ -75,7 +87,7 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
                         res = engine.generate(req, progress=ProgressAdapter(progress, method.name))
                     except Exception as e:  # noqa: BLE001 - every failure becomes a readable message
                         raise user_error(e) from e
-                    return res.image, res.timing_text(), res.layout_stats
+                    return res.image, res.timing_text(), stats_table(res.layout_stats)
 
                 named(on_generate, ["prompt", "negative_prompt", *gen_method.names, *SIZE_NAMES], progress=True)
                 gen_event = gen_btn.click(on_generate, inputs=[prompt, negative, *gen_method.inputs, width, height,
@@ -96,9 +108,11 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
                             cmp_cancel = gr.Button("Cancel", variant="stop")
                     with gr.Column(scale=2):
                         with gr.Row():
-                            img_dense = gr.Image(label="dense", type="pil", format="png", interactive=False)
-                            img_method = gr.Image(label="method", type="pil", format="png", interactive=False)
-                            img_diff = gr.Image(label="difference (amplified)", type="pil", format="png",
+                            img_dense = gr.Image(label="dense", type="pil", format="png", interactive=False, elem_classes="visattn-pixels",
+                                                 height=256)
+                            img_method = gr.Image(label="method", type="pil", format="png", interactive=False, elem_classes="visattn-pixels",
+                                                  height=256)
+                            img_diff = gr.Image(label="difference (amplified)", type="pil", format="png", height=256, elem_classes="visattn-pixels",
                                                 interactive=False)
                         cmp_score = gr.Textbox(label="Similarity", interactive=False, elem_id="cmp-score")
 
@@ -189,6 +203,7 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
                           api_visibility="private", concurrency_limit=None)
     demo.queue(max_size=16, default_concurrency_limit=1)
     demo.visattn_engine = engine  # for tests and --smoke
+    demo.visattn_css = CSS
     return demo
 
 
@@ -219,6 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--max-size", type=int, default=None, help="largest width/height allowed (default by device)")
     p.add_argument("--size", type=int, default=None, help="default width/height shown in the UI")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--smoke", action="store_true",
                    help="start on a free local port, run one generation through the HTTP API, save it (--out), stop")
     p.add_argument("--out", default="visattn-demo.png", help="--smoke: where to write the image")
@@ -233,6 +249,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not 1 <= args.port <= 65535:
         print(f"visattn-demo: --port must be 1 to 65535, got {args.port}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"visattn-demo: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         engine = Engine(model=args.model, device=args.device, max_size=args.max_size)
         engine.pipe  # load now so a bad --model fails at start, readably

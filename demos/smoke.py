@@ -27,7 +27,7 @@ def launch_local(demo, port: Optional[int] = None) -> Tuple[str, int]:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     port = port or free_port()
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                            share=False)
+                            share=False, css=getattr(demo, "visattn_css", None))
     return url, port
 
 
@@ -54,8 +54,8 @@ def run_smoke(demo, engine: Any, *, out: str, method: str, size: Optional[int] =
         _, pattern_text, _ = client.predict(method=method, api_name="/pattern")
         print(f"visattn-demo --smoke: {url} /generate {method} {size}x{size} in {seconds:.2f} s -> {out}")
         print(f"  {timing}")
-        for row in stats or []:
-            print(f"  layout {row}")
+        for row in (stats or {}).get("data", []):
+            print(f"  layout {dict(zip(stats.get('headers', []), row))}")
         print(f"  /pattern: {pattern_text}")
         return 0
     finally:

@@ -262,3 +262,31 @@ def test_main_rejects_a_bad_model_readably(tmp_path, capsys):
 def test_main_rejects_bad_port(capsys):
     assert main(["--port", "70000"]) == 2
     assert "--port must be 1 to 65535" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- story
+def test_story_makes_a_strip_when_storypipeline_exists(engine):
+    story_cls = getattr(visattn.pipelines, "StoryPipeline", None)
+    if story_cls is None:
+        pytest.skip("visattn.pipelines.StoryPipeline is not in this build (the Story tab is hidden)")
+    from visattn.demos.engine import run_story
+
+    seen = []
+    res = run_story(engine, story_cls, "[Bob] a red circle", ["[Bob] on blue #one", "[Bob] on green #two"],
+                    get_method("consistent"), steps=1, progress=lambda i, n: seen.append(i))
+    assert [p.size for p in res.panels] == [(64, 64), (64, 64)]
+    assert res.captions == ["one", "two"] and res.strip.size[0] > 128
+    assert seen and seen[-1] == 2
+    with pytest.raises(ValueError, match="unknown character"):
+        run_story(engine, story_cls, "[Bob] a red circle", ["[Ann] at home"], get_method("consistent"), steps=1)
+    with pytest.raises(ValueError, match="characters is empty"):
+        run_story(engine, story_cls, " ", ["[Bob] at home"], get_method("consistent"), steps=1)
+
+
+def test_stats_table_has_one_row_per_level():
+    from visattn.demos.app import stats_table
+
+    df = stats_table([{"grid": "16x16", "density": 0.5}, {"grid": "8x8", "full": 3}])
+    assert list(df.columns) == ["grid", "density", "full"] and len(df) == 2
+    assert df.iloc[1]["density"] == "" and df.iloc[1]["full"] == "3"
+    assert list(stats_table([]).columns) == ["grid", "queries", "keys", "density"]
