@@ -53,6 +53,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # "fwd" tma). Set by benchmarks/tuning; any key part may be None (wildcard); exact keys are tried first.
 CONFIG_OVERRIDES: Dict[Tuple, dict] = {}
 SHORT_ROW_BLOCKS = 32
+# apply the layout's token permutation inside the kernels instead of gather/scatter copies (off until measured)
+FUSE_PERMUTATION = os.environ.get("VISATTN_FUSE_PERMUTATION", "0") == "1"
 
 
 def kernel_config(kernel: str, block_m: int, block_n: int, d_pad: int, dtype: torch.dtype) -> dict:
@@ -116,6 +118,14 @@ if triton is not None:
         return bits != 0
 
     @triton.jit
+    def _map_rows(P, idx, n, PERM: tl.constexpr):
+        """Kernel-order positions -> memory rows through the permutation ``P`` (invalid positions -> n)."""
+        if PERM:
+            return tl.load(P + idx, mask=idx < n, other=n)
+        else:
+            return idx
+
+    @triton.jit
     def _load_tile(P, base, rows, srow, offs_d, sd, dmask, n_lim, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
         """Load a (len(rows), D_PAD) tile; rows >= n_lim (when ROW_MASK) and padded head dims read 0."""
         ptrs = P + base + rows[:, None] * srow + offs_d[None, :] * sd
@@ -128,7 +138,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd, IDX, MIDS, MT,
-                   cnt, Nk, qk_scale, m_loc, offs_tn, offs_d, dmask, PARTIAL: tl.constexpr,
+                   cnt, Nk, qk_scale, m_loc, offs_tn, offs_d, dmask, PK, PERM_K: tl.constexpr, PARTIAL: tl.constexpr,
                    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TM: tl.constexpr,
                    TN: tl.constexpr,
                    D_PAD: tl.constexpr, MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr,
@@ -142,7 +152,7 @@ if triton is not None:
                 k = KD.load([b, hk, col0, 0]).reshape([TN, D_PAD])
                 v = VD.load([b, hk, col0, 0]).reshape([TN, D_PAD])
             else:
-                cols = col0 + offs_tn
+                cols = _map_rows(PK, col0 + offs_tn, Nk, PERM_K)
                 k = _load_tile(K, k_base, cols, skn, offs_d, skd, dmask, Nk, PARTIAL, EVEN_D)
                 v = _load_tile(V, v_base, cols, svn, offs_d, svd, dmask, Nk, PARTIAL, EVEN_D)
             if UPCAST:
@@ -173,7 +183,8 @@ if triton is not None:
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr,
                     DOT_PREC: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
-                    HAS_FULL: tl.constexpr, HAS_PARTIAL: tl.constexpr, ORDER, REORDER: tl.constexpr):
+                    HAS_FULL: tl.constexpr, HAS_PARTIAL: tl.constexpr, ORDER, REORDER: tl.constexpr,
+                    PQ, PK, PERM_Q: tl.constexpr, PERM_K: tl.constexpr):
         SPLIT: tl.constexpr = BLOCK_M // TM
         pid = tl.program_id(0)
         bh = tl.program_id(1)
@@ -194,7 +205,8 @@ if triton is not None:
         q_base = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         k_base = b.to(tl.int64) * skb + hk.to(tl.int64) * skh
         v_base = b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-        q = _load_tile(Q, q_base, offs_m, sqn, offs_d, sqd, dmask, Nq, True, EVEN_D)
+        qrows = _map_rows(PQ, offs_m, Nq, PERM_Q)  # memory rows (original positions)
+        q = _load_tile(Q, q_base, qrows, sqn, offs_d, sqd, dmask, Nq, True, EVEN_D)
         if UPCAST:
             q = q.to(tl.float32)
         row = b * lay_sb + h * lay_sh + qb
@@ -205,27 +217,27 @@ if triton is not None:
             fc = tl.load(FC + row)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd,
                                        FI + row.to(tl.int64) * F_W, PM, MT, fc, Nk, qk_scale,
-                                       m_loc, offs_tn, offs_d, dmask, False, EVEN_D, BLOCK_M, BLOCK_N, TM, TN, D_PAD,
+                                       m_loc, offs_tn, offs_d, dmask, PK, PERM_K, False, EVEN_D, BLOCK_M, BLOCK_N, TM, TN, D_PAD,
                                        MASK_WORDS, UPCAST, DOT_PREC, USE_TMA)
         if HAS_PARTIAL:
             pc = tl.load(PC + row)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd,
                                        PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT, pc, Nk,
-                                       qk_scale, m_loc, offs_tn, offs_d, dmask, True, EVEN_D, BLOCK_M, BLOCK_N, TM, TN,
-                                       D_PAD, MASK_WORDS, UPCAST, DOT_PREC, USE_TMA)
+                                       qk_scale, m_loc, offs_tn, offs_d, dmask, PK, PERM_K, True, EVEN_D, BLOCK_M,
+                                       BLOCK_N, TM, TN, D_PAD, MASK_WORDS, UPCAST, DOT_PREC, USE_TMA)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         o_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh
-        tl.store(O + o_base + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+        tl.store(O + o_base + qrows[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
                  mask=mrow[:, None] & dmask[None, :])
         if STORE_LSE:
             lse = tl.where(empty, float("-inf"),
                            (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-            tl.store(LSE + bh.to(tl.int64) * Nq + offs_m, lse, mask=mrow)
+            tl.store(LSE + bh.to(tl.int64) * Nq + qrows, lse, mask=mrow)
 
     @triton.jit
     def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, skn, skd, svn, svd, IDX, MIDS, MT, cnt,
-                      Nk, qk_scale, m_loc, offs_tn, offs_d, dmask, PARTIAL: tl.constexpr,
+                      Nk, qk_scale, m_loc, offs_tn, offs_d, dmask, PK, PERM_K: tl.constexpr, PARTIAL: tl.constexpr,
                       EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TM: tl.constexpr,
                       TN: tl.constexpr,
                       MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -233,7 +245,7 @@ if triton is not None:
         for t in range(cnt * NSUB):
             kb = tl.load(IDX + t // NSUB)
             n_loc = (t % NSUB) * TN + offs_tn
-            cols = kb * BLOCK_N + n_loc
+            cols = _map_rows(PK, kb * BLOCK_N + n_loc, Nk, PERM_K)
             k = _load_tile(K, k_base, cols, skn, offs_d, skd, dmask, Nk, PARTIAL, EVEN_D)
             v = _load_tile(V, v_base, cols, svn, offs_d, svd, dmask, Nk, PARTIAL, EVEN_D)
             if UPCAST:
@@ -259,7 +271,8 @@ if triton is not None:
                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr,
                        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DLSE: tl.constexpr,
-                       HAS_FULL: tl.constexpr, HAS_PARTIAL: tl.constexpr, ORDER, REORDER: tl.constexpr):
+                       HAS_FULL: tl.constexpr, HAS_PARTIAL: tl.constexpr, ORDER, REORDER: tl.constexpr,
+                       PQ, PK, PERM_Q: tl.constexpr, PERM_K: tl.constexpr):
         SPLIT: tl.constexpr = BLOCK_M // TM
         pid = tl.program_id(0)
         bh = tl.program_id(1)
@@ -279,14 +292,15 @@ if triton is not None:
         mrow = offs_m < Nq
         bl = b.to(tl.int64)
         hl = h.to(tl.int64)
-        q = _load_tile(Q, bl * sqb + hl * sqh, offs_m, sqn, offs_d, sqd, dmask, Nq, True, EVEN_D)
-        do = _load_tile(DO, bl * sdob + hl * sdoh, offs_m, sdon, offs_d, sdod, dmask, Nq, True, EVEN_D)
-        o = _load_tile(O, bl * sob + hl * soh, offs_m, son, offs_d, sod, dmask, Nq, True, EVEN_D)
+        qrows = _map_rows(PQ, offs_m, Nq, PERM_Q)  # memory rows (original positions)
+        q = _load_tile(Q, bl * sqb + hl * sqh, qrows, sqn, offs_d, sqd, dmask, Nq, True, EVEN_D)
+        do = _load_tile(DO, bl * sdob + hl * sdoh, qrows, sdon, offs_d, sdod, dmask, Nq, True, EVEN_D)
+        o = _load_tile(O, bl * sob + hl * soh, qrows, son, offs_d, sod, dmask, Nq, True, EVEN_D)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         if HAS_DLSE:
-            delta -= tl.load(DLSE + bh.to(tl.int64) * Nq + offs_m, mask=mrow, other=0.0)
-        tl.store(DELTA + bh.to(tl.int64) * Nq + offs_m, delta, mask=mrow)
-        lse = tl.load(LSE + bh.to(tl.int64) * Nq + offs_m, mask=mrow, other=float("inf"))
+            delta -= tl.load(DLSE + bh.to(tl.int64) * Nq + qrows, mask=mrow, other=0.0)
+        tl.store(DELTA + bh.to(tl.int64) * Nq + qrows, delta, mask=mrow)
+        lse = tl.load(LSE + bh.to(tl.int64) * Nq + qrows, mask=mrow, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         if UPCAST:
             q = q.to(tl.float32)
@@ -299,21 +313,21 @@ if triton is not None:
             fc = tl.load(FC + row)
             dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, skn, skd, svn, svd,
                                FI + row.to(tl.int64) * F_W, PM, MT, fc, Nk, qk_scale, m_loc, offs_tn, offs_d,
-                               dmask, False, EVEN_D, BLOCK_M, BLOCK_N, TM, TN, MASK_WORDS, UPCAST, DOT_PREC)
+                               dmask, PK, PERM_K, False, EVEN_D, BLOCK_M, BLOCK_N, TM, TN, MASK_WORDS, UPCAST, DOT_PREC)
         if HAS_PARTIAL:
             pc = tl.load(PC + row)
             dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, skn, skd, svn, svd,
                                PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT, pc, Nk, qk_scale,
-                               m_loc, offs_tn, offs_d, dmask, True, EVEN_D, BLOCK_M, BLOCK_N, TM, TN, MASK_WORDS,
-                               UPCAST, DOT_PREC)
+                               m_loc, offs_tn, offs_d, dmask, PK, PERM_K, True, EVEN_D, BLOCK_M, BLOCK_N, TM, TN,
+                               MASK_WORDS, UPCAST, DOT_PREC)
         dq = dq * sm_scale
-        tl.store(DQ + bl * sdqb + hl * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
+        tl.store(DQ + bl * sdqb + hl * sdqh + qrows[:, None] * sdqn + offs_d[None, :] * sdqd,
                  dq.to(DQ.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
 
     @triton.jit
     def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, sqn, sqd, sdon, sdod,
-                        IDX, MIDS, MT, cnt, Nq, qk_scale, offs_tm, n_loc, n0, offs_d, dmask,
-                        PARTIAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, TM: tl.constexpr,
+                        IDX, MIDS, MT, cnt, Nq, qk_scale, offs_tm, n_loc, n0, offs_d, dmask, PQ,
+                        PERM_Q: tl.constexpr, PARTIAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, TM: tl.constexpr,
                         TN: tl.constexpr,
                         MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
         NSUB: tl.constexpr = BLOCK_M // TM
@@ -322,11 +336,12 @@ if triton is not None:
             m_loc = (t % NSUB) * TM + offs_tm
             offs_m = qb * BLOCK_M + m_loc
             mrow = offs_m < Nq
-            q = _load_tile(Q, q_base, offs_m, sqn, offs_d, sqd, dmask, Nq, True, EVEN_D)
-            do = _load_tile(DO, do_base, offs_m, sdon, offs_d, sdod, dmask, Nq, True, EVEN_D)
-            lse = tl.load(LSE + stat_base + offs_m, mask=mrow, other=float("inf"))
+            qrows = _map_rows(PQ, offs_m, Nq, PERM_Q)
+            q = _load_tile(Q, q_base, qrows, sqn, offs_d, sqd, dmask, Nq, True, EVEN_D)
+            do = _load_tile(DO, do_base, qrows, sdon, offs_d, sdod, dmask, Nq, True, EVEN_D)
+            lse = tl.load(LSE + stat_base + qrows, mask=mrow, other=float("inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + stat_base + offs_m, mask=mrow, other=0.0)
+            delta = tl.load(DELTA + stat_base + qrows, mask=mrow, other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
@@ -351,7 +366,8 @@ if triton is not None:
                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr,
                          UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, HAS_FULL: tl.constexpr,
-                         HAS_PARTIAL: tl.constexpr, ORDER, REORDER: tl.constexpr):
+                         HAS_PARTIAL: tl.constexpr, ORDER, REORDER: tl.constexpr,
+                         PQ, PK, PERM_Q: tl.constexpr, PERM_K: tl.constexpr):
         SPLIT: tl.constexpr = BLOCK_N // TN
         pid = tl.program_id(0)
         bhk = tl.program_id(1)
@@ -370,8 +386,9 @@ if triton is not None:
         dmask = offs_d < HEAD_DIM
         bl = b.to(tl.int64)
         hkl = hk.to(tl.int64)
-        k = _load_tile(K, bl * skb + hkl * skh, cols, skn, offs_d, skd, dmask, Nk, True, EVEN_D)
-        v = _load_tile(V, bl * svb + hkl * svh, cols, svn, offs_d, svd, dmask, Nk, True, EVEN_D)
+        krows = _map_rows(PK, cols, Nk, PERM_K)  # memory rows (original positions)
+        k = _load_tile(K, bl * skb + hkl * skh, krows, skn, offs_d, skd, dmask, Nk, True, EVEN_D)
+        v = _load_tile(V, bl * svb + hkl * svh, krows, svn, offs_d, svd, dmask, Nk, True, EVEN_D)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -388,19 +405,20 @@ if triton is not None:
                 fc = tl.load(FC + row)
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, sqn, sqd,
                                          sdon, sdod, FI + row.to(tl.int64) * F_W, PM, MT, fc, Nq, qk_scale,
-                                         offs_tm, n_loc, n0, offs_d, dmask, False, EVEN_D, BLOCK_M, TM, TN, MASK_WORDS,
+                                         offs_tm, n_loc, n0, offs_d, dmask, PQ, PERM_Q, False, EVEN_D, BLOCK_M, TM, TN, MASK_WORDS,
                                          UPCAST, DOT_PREC)
             if HAS_PARTIAL:
                 pc = tl.load(PC + row)
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, sqn, sqd,
                                          sdon, sdod, PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT,
-                                         pc, Nq, qk_scale, offs_tm, n_loc, n0, offs_d, dmask, True, EVEN_D, BLOCK_M,
+                                         pc, Nq, qk_scale, offs_tm, n_loc, n0, offs_d, dmask, PQ, PERM_Q, True,
+                                         EVEN_D, BLOCK_M,
                                          TM, TN, MASK_WORDS, UPCAST, DOT_PREC)
         dk = dk * sm_scale
         km = (cols < Nk)[:, None] & dmask[None, :]
-        tl.store(DK + bl * sdkb + hkl * sdkh + cols[:, None] * sdkn + offs_d[None, :] * sdkd,
+        tl.store(DK + bl * sdkb + hkl * sdkh + krows[:, None] * sdkn + offs_d[None, :] * sdkd,
                  dk.to(DK.dtype.element_ty), mask=km)
-        tl.store(DV + bl * sdvb + hkl * sdvh + cols[:, None] * sdvn + offs_d[None, :] * sdvd,
+        tl.store(DV + bl * sdvb + hkl * sdvh + krows[:, None] * sdvn + offs_d[None, :] * sdvd,
                  dv.to(DV.dtype.element_ty), mask=km)
 
 
@@ -482,7 +500,24 @@ def _tma_ok(t: torch.Tensor) -> bool:
             and all((st * es) % 16 == 0 for st in t.stride()[:-1]))
 
 
-def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool):
+def _perm_args(layout: BlockLayout, fused: bool) -> dict:
+    """Permutation pointers for the kernels: with ``fused`` the kernels gather q/k/v rows and scatter the
+    outputs through ``perm_q`` / ``perm_k`` themselves (tensors stay in original order)."""
+    out = {}
+    for name, perm in (("Q", layout.perm_q), ("K", layout.perm_k)):
+        on = fused and perm is not None
+        if on:
+            key = f"triton_perm_{name}"
+            if key not in layout._cache:
+                layout._cache[key] = perm.to(torch.int32).contiguous()
+            out[f"P{name}"] = layout._cache[key]
+        else:
+            out[f"P{name}"] = layout.full_counts  # unused placeholder pointer
+        out[f"PERM_{name}"] = on
+    return out
+
+
+def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool, fused: bool = False):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
@@ -492,7 +527,8 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool):
     c = _common_consts(q, layout)
     short = _layout_info(layout)["mean_row"] < SHORT_ROW_BLOCKS
     cfg, opts = _launch("fwd_short" if short else "fwd", c, q.dtype)
-    use_tma = bool(cfg.get("tma")) and _tma_ok(k) and _tma_ok(v)
+    perm = _perm_args(layout, fused)
+    use_tma = bool(cfg.get("tma")) and not perm["PERM_K"] and _tma_ok(k) and _tma_ok(v)
     if use_tma:
         blk = [1, 1, cfg["TN"], c["D_PAD"]]
         kd = _TensorDescriptor(k, list(k.shape), list(k.stride()), blk)
@@ -506,11 +542,11 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool):
         layout.partial_mask_ids, layout.mask_table, lay_sb, lay_sh,
         layout.full_indices.shape[-1], layout.partial_indices.shape[-1],
         H, H // Hkv, Nq, Nk, scale * LOG2E, TM=cfg["TM"], TN=cfg["TN"], STORE_LSE=need_lse, USE_TMA=use_tma,
-        **_order_args(layout, False), **c, **opts)
+        **_order_args(layout, False), **perm, **c, **opts)
     return o, (lse if need_lse else None)
 
 
-def _backward(do, q, k, v, o, lse, dlse, layout: BlockLayout, scale: float):
+def _backward(do, q, k, v, o, lse, dlse, layout: BlockLayout, scale: float, fused: bool = False):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dq = torch.empty_like(q)
@@ -522,6 +558,7 @@ def _backward(do, q, k, v, o, lse, dlse, layout: BlockLayout, scale: float):
     lay_sb, lay_sh = _row_strides(layout, nqb)
     has_dlse = dlse is not None
     dlse_arg = dlse.contiguous() if has_dlse else delta
+    perm = _perm_args(layout, fused)
     cfg, opts = _launch("bwd_dq", c, q.dtype)
     _bwd_dq_kernel[(nqb * (c["BLOCK_M"] // cfg["TM"]), B * H)](
         q, k, v, o, do, dq, lse, dlse_arg, delta,
@@ -530,7 +567,7 @@ def _backward(do, q, k, v, o, lse, dlse, layout: BlockLayout, scale: float):
         layout.partial_mask_ids, layout.mask_table, lay_sb, lay_sh,
         layout.full_indices.shape[-1], layout.partial_indices.shape[-1],
         H, H // Hkv, Nq, Nk, scale * LOG2E, scale, TM=cfg["TM"], TN=cfg["TN"], HAS_DLSE=has_dlse,
-        **_order_args(layout, False), **c, **opts)
+        **_order_args(layout, False), **perm, **c, **opts)
     t = layout.transposed()
     tsb, tsh = _row_strides(layout, nkb)
     cfg, opts = _launch("bwd_dkdv", c, q.dtype)
@@ -540,17 +577,18 @@ def _backward(do, q, k, v, o, lse, dlse, layout: BlockLayout, scale: float):
         t["full_counts"], t["full_indices"], t["partial_counts"], t["partial_indices"], t["partial_mask_ids"],
         layout.mask_table, tsb, tsh, t["full_indices"].shape[-1], t["partial_indices"].shape[-1],
         H, Hkv, H // Hkv, Nq, Nk, scale * LOG2E, scale, TM=cfg["TM"], TN=cfg["TN"], **_order_args(layout, True),
-        **c, **opts)
+        **perm, **c, **opts)
     return dq, dk, dv
 
 
 class _TritonBlockSparseAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale):  # type: ignore[override]
-        o, lse = _forward(q, k, v, layout, scale, True)
+    def forward(ctx, q, k, v, layout, scale, fused):  # type: ignore[override]
+        o, lse = _forward(q, k, v, layout, scale, True, fused)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.layout = layout
         ctx.scale = scale
+        ctx.fused = fused
         return o, lse
 
     @staticmethod
@@ -558,25 +596,48 @@ class _TritonBlockSparseAttn(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv = _backward(do, q, k, v, o, lse, dlse, ctx.layout, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _backward(do, q, k, v, o, lse, dlse, ctx.layout, ctx.scale, ctx.fused)
+        return dq, dk, dv, None, None, None
+
+
+def _run(q, k, v, layout, scale, return_lse, fused):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        o, lse = _TritonBlockSparseAttn.apply(q, k, v, layout, scale, fused)
+    else:
+        o, lse = _forward(q, k, v, layout, scale, return_lse, fused)
+    return o, lse
 
 
 def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                                  scale: Optional[float] = None, return_lse: bool = False):
-    """Kernel-order block-sparse attention with our Triton kernels (differentiable in q, k, v and LSE).
+                                  scale: Optional[float] = None, return_lse: bool = False,
+                                  fuse_permutation: Optional[bool] = None):
+    """Block-sparse attention with our Triton kernels (differentiable in q, k, v and LSE).
 
-    q (B, H, Nq, D), k/v (B, H_kv, Nk, D) already in the layout's kernel order. Returns ``out`` or
-    ``(out, lse)`` with lse fp32 (B, H, Nq). Prefer :func:`visattn.kernels.block_sparse_attention`.
+    q (B, H, Nq, D), k/v (B, H_kv, Nk, D) in *original* token order. The layout's permutation, if any,
+    is applied either by gather/scatter copies around the kernels (default) or, with
+    ``fuse_permutation=True`` (default: module flag ``FUSE_PERMUTATION``, env
+    ``VISATTN_FUSE_PERMUTATION=1``), inside the kernels' loads and stores (no copies; K/V loads then
+    use pointers, not TMA). Returns ``out`` or ``(out, lse)`` with lse fp32 (B, H, Nq).
+    Prefer :func:`visattn.kernels.block_sparse_attention`.
     """
     why = _probe(q, layout, False)
     if why is not None:
         raise RuntimeError(f"triton backend cannot run: {why}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        o, lse = _TritonBlockSparseAttn.apply(q, k, v, layout, scale)
-    else:
-        o, lse = _forward(q, k, v, layout, scale, return_lse)
+    fuse = FUSE_PERMUTATION if fuse_permutation is None else bool(fuse_permutation)
+    permuted = layout.perm_q is not None or layout.perm_k is not None
+    if not permuted or fuse:
+        o, lse = _run(q, k, v, layout, scale, return_lse, permuted)
+        return (o, lse) if return_lse else o
+    pk = layout.perm_k
+    qp = q if layout.perm_q is None else q.index_select(2, layout.perm_q)
+    kp = k if pk is None else k.index_select(2, pk)
+    vp = v if pk is None else v.index_select(2, pk)
+    o, lse = _run(qp, kp, vp, layout, scale, return_lse, False)
+    inv = layout.inv_perm_q
+    if inv is not None:
+        o = o.index_select(2, inv)
+        lse = None if lse is None else lse.index_select(2, inv)
     return (o, lse) if return_lse else o
 
 
@@ -606,4 +667,4 @@ def _backend_fn(q, k, v, layout, scale, return_lse):
     return triton_block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse)
 
 
-register_backend(Backend("triton", _backend_fn, _probe, handles_permutation=False))
+register_backend(Backend("triton", _backend_fn, _probe, handles_permutation=True))
