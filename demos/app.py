@@ -23,7 +23,8 @@ from .widgets import (SIZE_NAMES, MethodControls, ProgressAdapter, as_int, make_
 
 __all__ = ["build_app", "main"]
 
-CSS = "#gen-image img, .visattn-pixels img {image-rendering: pixelated}"
+CSS = ("#gen-image img, .visattn-pixels img {image-rendering: pixelated; width: 100%; height: 100%; "
+       "object-fit: contain}")
 
 
 def stats_table(rows: List[Dict[str, Any]]):

@@ -144,7 +144,7 @@ def _stats_rows(method: AttentionMethod, geometries: Dict[tuple, Any]) -> List[D
             stats = {"error": f"{type(e).__name__}: {e}"}
         row = {"grid": "x".join(map(str, grid)) if grid else "-", "queries": seq_len, "keys": kv_len}
         if stats is None:
-            row["density"] = 1.0 if method.name == "dense" else None
+            row["density"] = 1.0 if method.name == "dense" else "dense here (not block-sparse at this size)"
         else:
             row.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in dict(stats).items()})
         rows.append(row)
