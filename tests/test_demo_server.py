@@ -75,6 +75,27 @@ def test_gradio_client_round_trip(server):
     assert "attends 20 of 20 keys" in text and Image.open(pat).size[0] > 0
 
 
+def test_cancel_over_http_stops_a_running_generation(server):
+    import time
+
+    from gradio_client import Client
+
+    url, engine, size = server
+    client = Client(url, verbose=False)
+    job = client.submit(prompt="a long one", method="dense", width=size, height=size, steps=100, seed=2,
+                        api_name="/generate")
+    deadline = time.time() + 60
+    while not engine._run_lock.locked() and time.time() < deadline:  # wait until the generation runs
+        time.sleep(0.05)
+    assert engine._run_lock.locked(), "the generation never started"
+    client.predict(api_name="/cancel")
+    with pytest.raises(Exception, match=r"cancelled after step \d+ of 100"):
+        job.result(timeout=120)
+    path, timing, _ = client.predict(prompt="after cancel", method="dense", width=size, height=size, steps=1,
+                                     api_name="/generate")
+    assert "over 1 steps" in timing
+
+
 def _playwright_or_skip():
     try:
         from playwright.sync_api import expect, sync_playwright
