@@ -2,7 +2,8 @@
 
 Geometry capture (``_GeometryHook.pre_forward`` on the denoiser, hook name ``"visattn"``):
 - 4-D input ``sample``/``hidden_states`` (B, C, H, W): ``latent_hw = (H, W)``; ``grid = (H/p, W/p)`` with the
-  model's ``patch_size`` (1 for UNets). UNet levels are mapped with ``TokenGeometry.grid_for_level``.
+  model's ``patch_size`` (1 for UNets). UNet levels are mapped with ``TokenGeometry.grid_for_level`` from
+  that grid (``grid=None`` when no level matches the token count).
 - Flux: the packed image grid from ``img_ids`` (rows/cols of the tokens), never from the token count.
 - 5-D video: Wan ``(B, C, F, H, W)`` with ``patch_size=(pt, ph, pw)``; CogVideoX ``(B, F, C, H, W)`` with
   ``patch_size``/``patch_size_t`` -> ``grid = (F', H', W')``.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -136,7 +136,7 @@ def capture(model: torch.nn.Module, args: Dict[str, Any]) -> Dict[str, Any]:
             f, h, w = x.shape[1], x.shape[3], x.shape[4]
             p = cfg.get("patch_size", 1)
             pt = cfg.get("patch_size_t", None) or 1
-            out["grid"] = (math.ceil(f / pt) if pt > 1 else f, h // p, w // p)
+            out["grid"] = (f // pt, h // p, w // p)
         else:  # (B, C, F, H, W)
             pt, ph, pw = _as_tuple(cfg.get("patch_size", 1), 3)
             out["grid"] = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)

@@ -92,12 +92,15 @@ class UNetProcessor(VisProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        base = None
         if input_ndim == 4:
             grid = (height, width)
-        else:
-            hw = self.ctx.state.latent_hw
-            grid = TokenGeometry.grid_for_level(hw, n_query) if hw is not None else None
-        base = self.ctx.state.latent_hw if input_ndim == 3 else None
+        else:  # a UNet level (or patched tokens): the denoiser's token grid downsampled by powers of two
+            base = self.ctx.state.grid if self.ctx.state.grid is not None and len(self.ctx.state.grid) == 2 else None
+            try:
+                grid = TokenGeometry.grid_for_level(base, n_query) if base is not None else None
+            except ValueError:  # no level matches: leave the layout unknown rather than guess
+                grid = base = None
         geo = self.ctx.geometry(query, key, grid=grid, base_grid=base)
         hidden_states = self._run(query, key, value, geo, attention_mask)
 
