@@ -250,6 +250,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not 1 <= args.port <= 65535:
         print(f"visattn-demo: --port must be 1 to 65535, got {args.port}", file=sys.stderr)
         return 2
+    if args.method is not None and args.method not in methods():
+        print(f"visattn-demo: --method {args.method!r} is not registered; known methods: {list(methods())}",
+              file=sys.stderr)
+        return 2
     if args.threads is not None:
         if args.threads < 1:
             print(f"visattn-demo: --threads must be >= 1, got {args.threads}", file=sys.stderr)

@@ -235,6 +235,11 @@ def test_app_generate_function_and_readable_errors(app, engine):
     bad = dict(values, prompt="")
     with pytest.raises(gr.Error, match="prompt is empty"):
         gen(*[bad.get(n) for n in names[:-1]], gr.Progress())
+    if "routing" in list_methods():  # a bad option combination, reported by the method itself
+        bad = dict(values, method="routing", routing__num_regions=2, routing__topk=9)
+        with pytest.raises(gr.Error, match=r"method 'routing' rejected its options.*topk"):
+            gen(*[bad.get(n) for n in names[:-1]], gr.Progress())
+    assert gen(*args)[0].size == (64, 64)  # and it keeps serving
 
 
 def test_app_compare_function(app):
@@ -259,9 +264,11 @@ def test_main_rejects_a_bad_model_readably(tmp_path, capsys):
     assert "--model" in err and "no-such-model" in err
 
 
-def test_main_rejects_bad_port(capsys):
+def test_main_rejects_bad_port_and_method(capsys):
     assert main(["--port", "70000"]) == 2
     assert "--port must be 1 to 65535" in capsys.readouterr().err
+    assert main(["--smoke", "--method", "nope"]) == 2
+    assert "--method 'nope' is not registered; known methods" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- story
