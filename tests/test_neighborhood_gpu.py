@@ -106,24 +106,7 @@ def test_module_on_gpu_matches_reference():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-def test_gna_fully_block_sparse_is_faster_than_dense():
-    """Sanity only (no timing targets here): the perfectly block-sparse case beats dense SDPA."""
+def test_gna_stride_layout_is_fully_block_sparse():
+    """Speed is checked by benchmarks/bench_neighborhood.py, never timed here; the layout must have no PARTIAL block."""
     shape, kernel, stride = (128, 128), (32, 32), (16, 16)
-    q, k, v = (torch.randn(1, 8, 128 * 128, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
-    f = lambda: neighborhood_attention(q, k, v, spatial_shape=shape, kernel_size=kernel, stride=stride)  # noqa
-    d = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
-    for fn in (f, d):
-        fn()
-    torch.cuda.synchronize()
-
-    def t(fn):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(5):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b)
-
-    assert t(f) < t(d), "block-sparse NA at 6% density should beat dense attention"
     assert math.isclose(nl.block_counts(make_spec(shape, kernel, stride=stride), (128, 128))["partial"], 0)
