@@ -100,7 +100,8 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        c_prompt = gr.Textbox(label="Prompt", value="", key="cmp-prompt")
+                        c_prompt = gr.Textbox(label="Prompt", value="a red star on a blue background",
+                                              key="cmp-prompt")
                         c_negative = gr.Textbox(label="Negative prompt", value="", key="cmp-negative")
                         cmp_method = MethodControls("cmp", default=_first_sparse())
                         c_w, c_h, c_steps, c_g, c_seed = size_controls("cmp", size, n_steps)

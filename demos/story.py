@@ -31,7 +31,7 @@ def story_tab(engine: Engine, story_cls: Any, size: int, steps_default: int = 20
                                    info="bank: identity panels first, then the rest read them; batch: panels "
                                         "with the same characters share tokens")
                 controls = MethodControls("story", default="consistent", only=["consistent"],
-                                          label="Consistency method")
+                                          label="Consistency method", open_options=False)
                 width, height, steps, guidance, seed = size_controls("story", size, steps_default)
                 with gr.Row():
                     btn = gr.Button("Make story", variant="primary", elem_id="story-button")

@@ -55,7 +55,7 @@ class MethodControls:
     """A method dropdown plus, per registered method, a group with controls for its options."""
 
     def __init__(self, prefix: str, default: str = "dense", label: str = "Method",
-                 only: Optional[Sequence[str]] = None) -> None:
+                 only: Optional[Sequence[str]] = None, open_options: bool = True) -> None:
         names = [n for n in methods() if only is None or n in only]
         default = default if default in names else names[0]
         self.methods = names
@@ -63,15 +63,16 @@ class MethodControls:
         self.doc = gr.Markdown(method_doc(default))
         self.groups: Dict[str, Any] = {}
         self.fields: List[Tuple[str, str, Any]] = []
-        for name in names:
-            specs = option_specs(name)
-            with gr.Group(visible=name == default) as group:
-                if not specs:
-                    gr.Markdown(f"`{name}` has no options.")
-                for spec in specs:
-                    comp = component(spec, key=f"{prefix}-{name}-{spec.name}")
-                    self.fields.append((name, spec.name, comp))
-            self.groups[name] = group
+        with gr.Accordion("Method options", open=open_options):
+            for name in names:
+                specs = option_specs(name)
+                with gr.Group(visible=name == default) as group:
+                    if not specs:
+                        gr.Markdown(f"`{name}` has no options.")
+                    for spec in specs:
+                        comp = component(spec, key=f"{prefix}-{name}-{spec.name}")
+                        self.fields.append((name, spec.name, comp))
+                self.groups[name] = group
         self.dropdown.change(self._switch, inputs=self.dropdown, outputs=[self.doc, *self.groups.values()],
                              queue=False, api_visibility="private")
 
