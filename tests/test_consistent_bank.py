@@ -148,3 +148,25 @@ def test_two_characters_concatenate():
         out = m(q, q, q, _geom(2))
     ref = masked_attention(q[1:], torch.cat([q[1], ka[1], kb[1]], 1)[None], torch.cat([q[1], va[1], vb[1]], 1)[None])
     torch.testing.assert_close(out[1:], ref, atol=1e-10, rtol=1e-10)
+
+
+def test_bank_memory_from_shapes():
+    from visattn.methods._consistent_memory import (bank_memory_table, expected_gated_steps, released_bank_bytes,
+                                                    visattn_bank_bytes)
+
+    t = bank_memory_table(768, 768, 35, 1, 0.5)
+    assert abs(t["released_gpu_gib"] - 2.0187) < 1e-3  # research notes: 2.0 GiB
+    assert abs(expected_gated_steps(35) - (0.7 * 19 + 0.9 * 15)) < 1e-9
+    assert abs(t["visattn_fp16_gib"] / t["released_gpu_gib"] - 2 * 26.8 / 35) < 1e-6
+    assert t["visattn_fp8_gib"] * 2 == pytest.approx(t["visattn_fp16_gib"])
+    assert abs(released_bank_bytes(1024, 1024, 50, 2) / 2**30 - 10.25) < 0.01
+    # the formula counts what an IdentityBank holds: one level, rate 1, gate always on
+    levels = ((8, 8, 1),)  # 96x96 px / 8 -> 12x12 tokens, 8 channels = 2 heads x 4
+    m = Consistent(sample_rate=1.0, **ALWAYS)
+    bank = IdentityBank(dtype=torch.float16)
+    q = _t(2, 2, 144, 4)
+    with m.writing(bank):
+        for step in range(3):
+            m(q, q, q, _geom(2, step=step, grid=(12, 12)))
+    want = visattn_bank_bytes(96, 96, 3, 1, 1.0, levels=levels, gate=(1.0, 1.0), first_step_plain=False)
+    assert bank.nbytes == want["total"]
