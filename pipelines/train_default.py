@@ -1,0 +1,487 @@
+"""Train the embedded default model (VAE, text encoder + UNet, attribute classifier) from scratch.
+
+    python -m visattn.pipelines.train_default --out runs/default            # full config (one H100, < 10 min)
+    python -m visattn.pipelines.train_default --out /tmp/t --preset tiny --device cpu   # smoke run
+
+Stages: render data -> VAE -> latents -> UNet + text encoder (v-prediction, mixed 128/256/512 px, EMA)
+-> classifier -> export. Each stage checkpoints under ``OUT/state`` and a rerun with the same ``--out``
+resumes where it stopped. The exported pipeline folder ``OUT/shapes_sd`` holds ``train_config.json``
+(seed, config, steps reached, timings) next to the fp16 weights; ``--pack-dir`` also writes it as tar parts
+of at most 15 MiB after every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from visattn.data.dataset import render_batch
+from visattn.data.shapes import Sample, caption, labels, sample_for_split
+
+from .default_model import build_components, make_pipeline
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved next to the weights)."""
+
+    seed: int = 0
+    n128: int = 60_000
+    n256: int = 16_000
+    n512: int = 3_000
+    vae_steps: int = 2_500
+    vae_batch: int = 64
+    vae_lr: float = 5e-4
+    vae_kl: float = 1e-6
+    vae_time: float = 60.0
+    unet_steps: int = 6_000
+    unet_batch: int = 256
+    unet_lr: float = 4e-4
+    text_lr: float = 2e-4
+    warmup: int = 200
+    unet_time: float = 210.0
+    res_cycle: tuple[int, ...] = (128, 128, 128, 128, 128, 256, 256, 512)
+    cfg_drop: float = 0.1
+    ema_decay: float = 0.999
+    clf_n: int = 24_000
+    clf_steps: int = 2_000
+    clf_batch: int = 256
+    clf_lr: float = 2e-3
+    clf_time: float = 30.0
+    ckpt_every: float = 60.0
+    unet: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, dict] = {
+    "full": {},
+    "tiny": dict(n128=96, n256=24, n512=8, vae_steps=4, vae_batch=8, unet_steps=10, unet_batch=8, warmup=2,
+                 clf_n=64, clf_steps=4, clf_batch=16, ckpt_every=0.0, res_cycle=(128, 256, 128, 512),
+                 unet=dict(block_out_channels=(32, 32, 32), attention_head_dim=(1, 1, 1), norm_num_groups=8),
+                 vae=dict(block_out_channels=(16, 16, 16), norm_num_groups=8),
+                 text=dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, projection_dim=64)),
+}
+
+
+def log(msg: str, out: Path | None = None) -> None:
+    """Print with a timestamp and append to OUT/train_log.txt."""
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if out is not None:
+        with open(out / "train_log.txt", "a") as f:
+            f.write(line + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _render_chunk(args: tuple[int, int, int, int, int | None, str]) -> np.ndarray:
+    start, end, size, base_seed, n_objects, split = args
+    return render_batch([sample_for_split(i, split, base_seed, n_objects) for i in range(start, end)], size)
+
+
+def render_set(n: int, size: int, base_seed: int, n_objects: int | None = None, split: str = "train",
+               workers: int = 0) -> tuple[np.ndarray, list[Sample]]:
+    """Render n deterministic samples in parallel: (uint8 (n, size, size, 3), samples)."""
+    samples = [sample_for_split(i, split, base_seed, n_objects) for i in range(n)]
+    chunk = max(1, min(512, n // max(1, workers or 1)))
+    jobs = [(s, min(n, s + chunk), size, base_seed, n_objects, split) for s in range(0, n, chunk)]
+    workers = workers or max(1, (os.cpu_count() or 2) - 1)
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_render_chunk, jobs)
+    else:
+        parts = [_render_chunk(j) for j in jobs]
+    return np.concatenate(parts), samples
+
+
+def junk_word(rng: random.Random) -> str:
+    """A random non-word, used to teach the text encoder to ignore unknown words."""
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
+
+
+def caption_variants(samples: list[Sample], seed: int) -> list[list[str]]:
+    """Per sample: [full caption, the sample's own variant, full caption with a junk word inserted]."""
+    rng = random.Random(seed)
+    out = []
+    for s in samples:
+        words = s.caption.split()
+        words.insert(rng.randint(0, len(words)), junk_word(rng))
+        out.append([s.caption, s.prompt, " ".join(words)])
+    return out
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """(len(texts), 77) int64 ids, padded and truncated like StableDiffusionPipeline does."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def to_float(imgs_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return imgs_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# ----------------------------------------------------------------------------------------------- state
+class Stage:
+    """Checkpoint helper for one resumable stage (OUT/state/<name>.pt, OUT/state/<name>.done)."""
+
+    def __init__(self, out: Path, name: str) -> None:
+        self.path = out / "state" / f"{name}.pt"
+        self.done_path = out / "state" / f"{name}.done"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def done(self) -> bool:
+        return self.done_path.exists()
+
+    def load(self) -> dict | None:
+        return torch.load(self.path, map_location="cpu", weights_only=False) if self.path.exists() else None
+
+    def save(self, state: dict, done: bool = False) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        if done:
+            self.done_path.write_text("done\n")
+
+
+def lr_at(step: int, total: int, warmup: int, time_frac: float = 0.0) -> float:
+    """Linear warm-up then cosine decay to 10%; progress is the larger of the step and time fractions,
+    so a run stopped by its time limit still ends annealed."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min(1.0, max((step - warmup) / max(1, total - warmup), time_frac))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def train_vae(vae, data: dict[int, torch.Tensor], cfg: TrainConfig, out: Path, device: torch.device,
+              amp: torch.dtype | None) -> dict:
+    """Stage 1: autoencoder (L1 + MSE + tiny KL) on 128 px images, every 4th step on 256 px."""
+    st = Stage(out, "vae")
+    saved = st.load()
+    if saved is not None:
+        vae.load_state_dict(saved["model"])
+    if st.done:
+        log("vae: done (resumed)", out)
+        return saved["info"]
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    step, elapsed = 0, 0.0
+    if saved is not None:
+        opt.load_state_dict(saved["opt"])
+        step, elapsed = saved["step"], saved["elapsed"]
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7 + 1 + step)
+    t0, last_ckpt, loss_ema = time.time() - elapsed, time.time(), None
+    while step < cfg.vae_steps and time.time() - t0 < cfg.vae_time:
+        res = 256 if (step % 4 == 3 and 256 in data) else 128
+        bs = cfg.vae_batch if res == 128 else max(1, cfg.vae_batch // 4)
+        idx = torch.randint(0, data[res].shape[0], (bs,), generator=gen)
+        x = to_float(data[res][idx.to(data[res].device)].to(device))
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * lr_at(step, cfg.vae_steps, 100, (time.time() - t0) / cfg.vae_time)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+        rec = rec.float()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        if step % 200 == 0:
+            log(f"vae step {step} loss {loss_ema:.4f} ({time.time() - t0:.0f}s)", out)
+        if cfg.ckpt_every and time.time() - last_ckpt > cfg.ckpt_every:
+            st.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0})
+            last_ckpt = time.time()
+    info = {"vae_steps_done": step, "vae_seconds": round(time.time() - t0, 1), "vae_loss": loss_ema}
+    st.save({"model": vae.state_dict(), "step": step, "info": info}, done=True)
+    log(f"vae: {info}", out)
+    return info
+
+
+@torch.no_grad()
+def encode_latents(vae, data: dict[int, torch.Tensor], device: torch.device, amp: torch.dtype | None,
+                   batch_pixels: int = 64 * 128 * 128) -> tuple[dict[int, torch.Tensor], float]:
+    """Encode every image (posterior mean); returns scaled latents per resolution and the scaling factor."""
+    vae.eval()
+    lat: dict[int, torch.Tensor] = {}
+    for res, imgs in data.items():
+        bs = max(1, batch_pixels // (res * res))
+        parts = []
+        for i in range(0, imgs.shape[0], bs):
+            x = to_float(imgs[i:i + bs].to(device))
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                parts.append(vae.encode(x).latent_dist.mean.float())
+        lat[res] = torch.cat(parts)
+    scale = float(1.0 / lat[128].std())
+    return {r: (v * scale).to(torch.bfloat16 if device.type == "cuda" else torch.float32) for r, v in lat.items()}, scale
+
+
+def train_unet(comps: dict, lat: dict[int, torch.Tensor], ids: dict[int, torch.Tensor], empty_ids: torch.Tensor,
+               cfg: TrainConfig, out: Path, device: torch.device, amp: torch.dtype | None, export_fn) -> dict:
+    """Stage 2: UNet + text encoder, v-prediction, CFG dropout, mixed resolutions, EMA (exported)."""
+    from diffusers import DDPMScheduler
+
+    unet, te = comps["unet"].to(device), comps["text_encoder"].to(device)
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    st = Stage(out, "unet")
+    saved = st.load()
+    if saved is not None:
+        unet.load_state_dict(saved["unet"])
+        te.load_state_dict(saved["text_encoder"])
+        ema_unet.load_state_dict(saved["ema_unet"])
+        ema_te.load_state_dict(saved["ema_text_encoder"])
+    comps["unet"], comps["text_encoder"] = ema_unet, ema_te  # export the EMA weights
+    if st.done:
+        log("unet: done (resumed)", out)
+        return saved["info"]
+    noise_sched = DDPMScheduler.from_config(comps["scheduler"].config)
+    noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(device)
+    unet.train()
+    te.train()
+    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "lr": cfg.unet_lr, "base": cfg.unet_lr},
+                             {"params": list(te.parameters()), "lr": cfg.text_lr, "base": cfg.text_lr}],
+                            weight_decay=0.01, betas=(0.9, 0.99))
+    step, elapsed = 0, 0.0
+    if saved is not None:
+        opt.load_state_dict(saved["opt"])
+        step, elapsed = saved["step"], saved["elapsed"]
+    params = list(unet.parameters()) + list(te.parameters())
+    ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7 + 2 + step)
+    t0, last_ckpt, loss_ema = time.time() - elapsed, time.time(), None
+    ids_dev = {r: v.to(device) for r, v in ids.items()}
+    empty = empty_ids.to(device)
+    res_list = [r for r in cfg.res_cycle if r in lat]
+
+    def checkpoint(done: bool = False, info: dict | None = None) -> None:
+        st.save({"unet": unet.state_dict(), "text_encoder": te.state_dict(), "ema_unet": ema_unet.state_dict(),
+                 "ema_text_encoder": ema_te.state_dict(), "opt": opt.state_dict(), "step": step,
+                 "elapsed": time.time() - t0, "info": info}, done=done)
+
+    while step < cfg.unet_steps and time.time() - t0 < cfg.unet_time:
+        res = res_list[step % len(res_list)]
+        bs = max(1, cfg.unet_batch * 128 * 128 // (res * res))
+        idx = torch.randint(0, lat[res].shape[0], (bs,), generator=gen)
+        variant = torch.multinomial(torch.tensor([0.5, 0.4, 0.1]), bs, replacement=True, generator=gen)
+        drop = torch.rand(bs, generator=gen) < cfg.cfg_drop
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (bs,), generator=gen)
+        idx_d, variant_d, drop_d, t_d = idx.to(device), variant.to(device), drop.to(device), t.to(device)
+        x0 = lat[res][idx_d].float()
+        tok = ids_dev[res][idx_d, variant_d]
+        tok = torch.where(drop_d[:, None], empty.expand_as(tok), tok)
+        noise = torch.randn_like(x0)
+        xt = noise_sched.add_noise(x0, noise, t_d)
+        target = noise_sched.get_velocity(x0, noise, t_d)
+        for g in opt.param_groups:
+            g["lr"] = g["base"] * lr_at(step, cfg.unet_steps, cfg.warmup, (time.time() - t0) / cfg.unet_time)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            enc = te(tok)[0]
+            pred = unet(xt, t_d, enc).sample
+        loss = F.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        loss_ema = loss.item() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss.item()
+        if step % 250 == 0:
+            log(f"unet step {step} loss {loss_ema:.4f} ({time.time() - t0:.0f}s)", out)
+        if cfg.ckpt_every and time.time() - last_ckpt > cfg.ckpt_every:
+            checkpoint()
+            export_fn({"unet_steps_done": step, "partial": True})
+            last_ckpt = time.time()
+    info = {"unet_steps_done": step, "unet_seconds": round(time.time() - t0, 1), "unet_loss": loss_ema}
+    checkpoint(done=True, info=info)
+    log(f"unet: {info}", out)
+    return info
+
+
+def train_classifier(clf, vae, cfg: TrainConfig, out: Path, device: torch.device, amp: torch.dtype | None,
+                     workers: int) -> dict:
+    """Stage 3: attribute classifier on single-object images (augmented, half through the VAE)."""
+    st = Stage(out, "classifier")
+    saved = st.load()
+    if saved is not None:
+        clf.load_state_dict(saved["model"])
+        if st.done:
+            log("classifier: done (resumed)", out)
+            return saved["info"]
+    imgs, samples = render_set(cfg.clf_n, 128, cfg.seed * 1000 + 4, n_objects=1, workers=workers)
+    labs = {k: torch.tensor([labels(s)[k] for s in samples], device=device)
+            for k in ("shape", "color", "size", "position", "background")}
+    imgs_t = torch.from_numpy(imgs).to(device)
+    vimgs, vsamples = render_set(512, 128, cfg.seed * 1000 + 5, n_objects=1, split="validation", workers=workers)
+    clf.to(device).train()
+    vae.to(device).eval()
+    opt = torch.optim.AdamW(clf.parameters(), lr=cfg.clf_lr, weight_decay=0.01)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7 + 3)
+    t0, step, loss_ema = time.time(), 0, None
+    while step < cfg.clf_steps and time.time() - t0 < cfg.clf_time:
+        idx = torch.randint(0, imgs_t.shape[0], (cfg.clf_batch,), generator=gen).to(device)
+        x = to_float(imgs_t[idx])
+        if step % 2 == 1:
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                x = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        x = (x + 1) / 2
+        b = x.shape[0]
+        gain = 1 + 0.08 * (torch.rand(b, 3, 1, 1, device=device) - 0.5) * 2
+        x = x * gain + 0.04 * (torch.rand(b, 3, 1, 1, device=device) - 0.5) * 2
+        blur = torch.rand(b, 1, 1, 1, device=device) < 0.3
+        x = torch.where(blur, F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), x)
+        x = (x + torch.randn_like(x) * 0.05 * torch.rand(b, 1, 1, 1, device=device)).clamp(0, 1)
+        for g in opt.param_groups:
+            g["lr"] = cfg.clf_lr * lr_at(step, cfg.clf_steps, 100, (time.time() - t0) / cfg.clf_time)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = clf(x)
+        loss = sum(F.cross_entropy(logits[k].float(), labs[k][idx]) for k in logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        if step % 250 == 0:
+            log(f"classifier step {step} loss {loss_ema:.4f} ({time.time() - t0:.0f}s)", out)
+    clf.eval()
+    with torch.no_grad():
+        vx = torch.from_numpy(vimgs).to(device)
+        pred = clf((to_float(vx) + 1) / 2)
+        acc = {k: float((pred[k].argmax(-1).cpu() == torch.tensor([labels(s)[k] for s in vsamples])).float().mean())
+               for k in pred}
+    info = {"classifier_steps_done": step, "classifier_seconds": round(time.time() - t0, 1),
+            "classifier_val_accuracy_clean": acc}
+    st.save({"model": clf.state_dict(), "info": info}, done=True)
+    log(f"classifier: {info}", out)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- export
+def export(comps: dict, clf, cfg: TrainConfig, out: Path, info: dict, pack_dir: Path | None) -> Path:
+    """Write OUT/shapes_sd (fp16 pipeline + train_config.json), the classifier, and optional tar parts."""
+    from safetensors.torch import save_file
+
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    dlogging.disable_progress_bar()
+    folder = out / "shapes_sd"
+    half = {k: (copy.deepcopy(v).to("cpu", torch.float16) if isinstance(v, torch.nn.Module) else v)
+            for k, v in comps.items()}
+    make_pipeline(half).save_pretrained(str(folder), safe_serialization=True)
+    meta = {"seed": cfg.seed, "config": dataclasses.asdict(cfg), **info,
+            "command": "python -m visattn.pipelines.train_default", "torch": torch.__version__}
+    (folder / "train_config.json").write_text(json.dumps(meta, indent=1, default=str))
+    if clf is not None:
+        save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in clf.state_dict().items()},
+                  str(out / "shapes_classifier.safetensors"))
+    if pack_dir is not None:
+        pack(out, pack_dir)
+    return folder
+
+
+def pack(out: Path, pack_dir: Path, part_bytes: int = 15 * 2**20) -> list[Path]:
+    """Tar OUT/shapes_sd, the classifier and the log into parts of at most `part_bytes`."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("shapes_sd", "shapes_classifier.safetensors", "train_log.txt"):
+            if (out / name).exists():
+                tar.add(str(out / name), arcname=name)
+    data = buf.getvalue()
+    pack_dir.mkdir(parents=True, exist_ok=True)
+    for old in pack_dir.glob("model.tar.part*"):
+        old.unlink()
+    parts = []
+    for i in range(0, len(data), part_bytes):
+        p = pack_dir / f"model.tar.part{i // part_bytes}"
+        p.write_bytes(data[i:i + part_bytes])
+        parts.append(p)
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------- main
+def run(cfg: TrainConfig, out: Path, device: torch.device, pack_dir: Path | None = None, workers: int = 0) -> Path:
+    """The whole pipeline; returns the exported folder."""
+    from .shapes_classifier import ShapesClassifier
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    torch.manual_seed(cfg.seed)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    comps = build_components(cfg.seed, unet=cfg.unet, vae=cfg.vae, text=cfg.text)
+    clf = ShapesClassifier()
+    t_start = time.time()
+    data, samples = {}, {}
+    for res, n, k in ((128, cfg.n128, 1), (256, cfg.n256, 2), (512, cfg.n512, 3)):
+        if n:
+            imgs, samples[res] = render_set(n, res, cfg.seed * 1000 + k, workers=workers)
+            data[res] = torch.from_numpy(imgs).to(device if device.type == "cuda" else "cpu")
+    info: dict = {"render_seconds": round(time.time() - t_start, 1)}
+    log(f"rendered {[(r, d.shape[0]) for r, d in data.items()]} in {info['render_seconds']}s", out)
+
+    info.update(train_vae(comps["vae"], data, cfg, out, device, amp))
+    lat, scale = encode_latents(comps["vae"], data, device, amp)
+    comps["vae"].register_to_config(scaling_factor=scale)
+    info["scaling_factor"] = scale
+    del data
+    tok = comps["tokenizer"]
+    ids = {r: tokenize(tok, sum(caption_variants(s, cfg.seed + r), [])).view(len(s), 3, -1) for r, s in samples.items()}
+    empty_ids = tokenize(tok, [""])[0]
+    log(f"latents {[(r, tuple(v.shape)) for r, v in lat.items()]}, scaling factor {scale:.4f}", out)
+
+    def export_fn(extra: dict) -> None:
+        export(comps, None, cfg, out, {**info, **extra}, pack_dir)
+
+    info.update(train_unet(comps, lat, ids, empty_ids, cfg, out, device, amp, export_fn))
+    del lat
+    export_fn({"partial": True})
+    info.update(train_classifier(clf, comps["vae"], cfg, out, device, amp, workers))
+    info["total_seconds"] = round(time.time() - t_start, 1)
+    folder = export(comps, clf, cfg, out, info, pack_dir)
+    log(f"exported {folder} ({info['total_seconds']}s total)", out)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="run folder (state/, shapes_sd/, classifier)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--pack-dir", type=Path, default=None, help="also write tar parts (<= 15 MiB) here")
+    ap.add_argument("--workers", type=int, default=0, help="render processes (0: cpu_count - 1)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="override config fields")
+    args = ap.parse_args(argv)
+    cfg = TrainConfig(**{**PRESETS[args.preset], "seed": args.seed})
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        val = json.loads(value)
+        setattr(cfg, key, tuple(val) if isinstance(val, list) else val)
+    run(cfg, args.out, torch.device(args.device), args.pack_dir, args.workers)
+
+
+if __name__ == "__main__":
+    main()
