@@ -71,6 +71,7 @@ class MethodControls:
                         gr.Markdown(f"`{name}` has no options.")
                     for spec in specs:
                         comp = component(spec, key=f"{prefix}-{name}-{spec.name}")
+                        comp.elem_id = f"{prefix}-{name}-{spec.name}"
                         self.fields.append((name, spec.name, comp))
                 self.groups[name] = group
         self.dropdown.change(self._switch, inputs=self.dropdown, outputs=[self.doc, *self.groups.values()],
