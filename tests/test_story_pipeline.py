@@ -118,3 +118,16 @@ def test_comic_strip_layout():
     assert s.getpixel((2, 2)) == (255, 0, 0) and s.getpixel((2 + 20 + 2, 2)) == (0, 128, 0)
     with pytest.raises(ValueError, match="columns"):
         comic_strip(ims, columns=0)
+
+
+def test_multi_eval_scheduler_bank_mode():
+    from diffusers import HeunDiscreteScheduler
+
+    pipe = tiny_sd_pipeline()
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    story = StoryPipeline(pipe, gate=(1.0, 1.0))
+    out = story("[Bob] a man", ["[Bob] a", "[Bob] b"], seed=0, num_inference_steps=2, height=32, width=32)
+    bank = out.banks["Bob"]
+    # Heun evaluates the UNet twice per step at the same timestep: each evaluation gets its own CFG slots
+    assert {key[1] for key in bank.keys()} == {0, 1, 2, 3}
+    assert len(out.panels) == 2 and story.method.stats["csa_calls"] > 0
