@@ -57,7 +57,7 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
 
     with gr.Blocks(title="visattn demo", analytics_enabled=False) as demo:
         gr.Markdown("# visattn demo\nSwap a diffusion model's self-attention for a visattn method and see what "
-                    "it does. Model: `" + (engine.model or "default") + f"` on `{engine.device}`.")
+                    "it does. Model: `" + engine.short_name() + f"` on `{engine.device}`.")
         with gr.Tabs():
             # ---------------------------------------------------------------- Generate
             with gr.Tab("Generate", id="generate"):

@@ -220,6 +220,14 @@ class Engine:
         """Default number of steps for the UI: 2 for the tiny random model (nothing to refine), else 20."""
         return 2 if self.is_tiny(has_default_model) else 20
 
+    def short_name(self) -> str:
+        """What the UI calls the model: "tiny (random weights)", "default (embedded)" or the --model value."""
+        if self._pipe is not None and getattr(self._pipe, "_visattn_tiny", False):
+            return "tiny (random weights)"
+        if self.model in (None, "", DEFAULT_MODEL):
+            return "default (embedded)" if self._pipe is not None else "default"
+        return str(self.model)
+
     @property
     def model_name(self) -> str:
         pipe = self.pipe

@@ -73,6 +73,11 @@ def test_gradio_client_round_trip(server):
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(path2)))  # same seed, same image
     pat, text, _ = client.predict(method="dense", rows=4, cols=5, query_row=1, query_col=2, api_name="/pattern")
     assert "attends 20 of 20 keys" in text and Image.open(pat).size[0] > 0
+    if "/story" in api:  # only when visattn.pipelines.StoryPipeline exists
+        strip, panels, info = client.predict(characters="[Bob] a red circle",
+                                             panels="[Bob] on blue #one\n[Bob] on green #two", width=size,
+                                             height=size, steps=1, api_name="/story")
+        assert len(panels) == 2 and info.startswith("2 panels") and Image.open(strip).size[0] > 2 * size
 
 
 def test_cancel_over_http_stops_a_running_generation(server):
