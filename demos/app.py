@@ -128,7 +128,7 @@ def build_app(engine: Optional[Engine] = None, *, model: Optional[str] = None, d
                         base = make_request(p, neg, get_method("dense"), w, h, st, g, sd)
                         r0 = engine.generate(base, progress=ProgressAdapter(progress, "dense"))
                         r1 = engine.generate(make_request(p, neg, method, w, h, st, g, sd),
-                                             progress=ProgressAdapter(progress, method.name))
+                                             progress=ProgressAdapter(progress, method.name), new_job=False)
                         cmp = compare_images(r0.image, r1.image)
                     except Exception as e:  # noqa: BLE001
                         raise user_error(e) from e

@@ -264,11 +264,16 @@ class Engine:
         """Ask the running generation to stop at the end of its current step."""
         self._cancel.set()
 
-    def generate(self, req: GenerateRequest, progress: Optional[Callable[[int, int], None]] = None) -> GenerateResult:
-        """Run one generation (validated first). ``progress(step, total)`` is called after each step."""
+    def generate(self, req: GenerateRequest, progress: Optional[Callable[[int, int], None]] = None, *,
+                 new_job: bool = True) -> GenerateResult:
+        """Run one generation (validated first). ``progress(step, total)`` is called after each step.
+        ``new_job=False``: a later part of the same job (Compare's second image), so a pending cancel holds."""
         self.validate(req)
         with self._run_lock:
-            self._cancel.clear()
+            if new_job:
+                self._cancel.clear()
+            elif self._cancel.is_set():
+                raise Cancelled("generation cancelled before it started")
             return self._generate(req, progress)
 
     def _generate(self, req: GenerateRequest, progress) -> GenerateResult:

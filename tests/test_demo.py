@@ -153,6 +153,9 @@ def test_cancel_stops_at_the_next_step(engine):
     with pytest.raises(Cancelled, match="cancelled after step 1 of 3"):
         engine.generate(GenerateRequest(prompt="a cat", steps=3), progress=cancel_on_first)
     assert engine.generate(GenerateRequest(prompt="a cat", steps=1)).image.size == (64, 64)  # still serves
+    engine.cancel()  # a cancel between Compare's two runs stops the second one
+    with pytest.raises(Cancelled, match="before it started"):
+        engine.generate(GenerateRequest(prompt="a cat", steps=1), new_job=False)
 
 
 def test_compare_images_scores():
