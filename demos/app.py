@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import gradio as gr
-
-from visattn.methods import AttentionMethod
 
 from . import explorer
 from .engine import Engine, compare_images

@@ -16,7 +16,6 @@ from visattn.demos.app import build_app, main  # noqa: E402
 from visattn.demos.engine import Engine, GenerateRequest, compare_images  # noqa: E402
 from visattn.demos.options import (build_method, default_values, option_specs,  # noqa: E402
                                    parse_option)
-from visattn.demos.tiny import tiny_sd_pipeline  # noqa: E402
 from visattn.methods import get_method, list_methods  # noqa: E402
 from visattn.methods.base import _REGISTRY, AttentionMethod, register_method  # noqa: E402
 
