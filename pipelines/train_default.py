@@ -218,8 +218,9 @@ def train_vae(vae, data: dict[int, torch.Tensor], cfg: TrainConfig, out: Path, d
 
 @torch.no_grad()
 def encode_latents(vae, data: dict[int, torch.Tensor], device: torch.device, amp: torch.dtype | None,
-                   batch_pixels: int = 64 * 128 * 128) -> tuple[dict[int, torch.Tensor], float]:
-    """Encode every image (posterior mean); returns scaled latents per resolution and the scaling factor."""
+                   batch_pixels: int = 64 * 128 * 128, scale: float | None = None) -> tuple[dict[int, torch.Tensor], float]:
+    """Encode every image (posterior mean); returns scaled latents per resolution and the scaling factor
+    (1 / std of the 128 px latents unless `scale` is given)."""
     vae.eval()
     lat: dict[int, torch.Tensor] = {}
     for res, imgs in data.items():
@@ -230,7 +231,7 @@ def encode_latents(vae, data: dict[int, torch.Tensor], device: torch.device, amp
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 parts.append(vae.encode(x).latent_dist.mean.float())
         lat[res] = torch.cat(parts)
-    scale = float(1.0 / lat[128].std())
+    scale = float(1.0 / lat[128].std()) if scale is None else scale
     return {r: (v * scale).to(torch.bfloat16 if device.type == "cuda" else torch.float32) for r, v in lat.items()}, scale
 
 
@@ -419,8 +420,23 @@ def pack(out: Path, pack_dir: Path, part_bytes: int = 15 * 2**20) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def run(cfg: TrainConfig, out: Path, device: torch.device, pack_dir: Path | None = None, workers: int = 0) -> Path:
-    """The whole pipeline; returns the exported folder."""
+def load_components(path: Path) -> dict:
+    """fp32 components of an exported pipeline folder (to fine-tune it with ``--init-from``)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(torch_dtype=torch.float32, local_files_only=True)
+    return dict(unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+                vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+                text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32),
+                tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"))
+
+
+def run(cfg: TrainConfig, out: Path, device: torch.device, pack_dir: Path | None = None, workers: int = 0,
+        init_from: Path | None = None) -> Path:
+    """The whole pipeline; returns the exported folder. With `init_from` (an exported pipeline folder) the VAE
+    is kept as is and the UNet + text encoder continue from its weights (fine-tuning run)."""
     from .shapes_classifier import ShapesClassifier
 
     out.mkdir(parents=True, exist_ok=True)
@@ -431,7 +447,10 @@ def run(cfg: TrainConfig, out: Path, device: torch.device, pack_dir: Path | None
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    comps = build_components(cfg.seed, unet=cfg.unet, vae=cfg.vae, text=cfg.text)
+    if init_from is not None:
+        comps = load_components(init_from)
+    else:
+        comps = build_components(cfg.seed, unet=cfg.unet, vae=cfg.vae, text=cfg.text)
     clf = ShapesClassifier()
     t_start = time.time()
     data, samples = {}, {}
@@ -442,9 +461,14 @@ def run(cfg: TrainConfig, out: Path, device: torch.device, pack_dir: Path | None
     info: dict = {"render_seconds": round(time.time() - t_start, 1)}
     log(f"rendered {[(r, d.shape[0]) for r, d in data.items()]} in {info['render_seconds']}s", out)
 
-    info.update(train_vae(comps["vae"], data, cfg, out, device, amp))
-    lat, scale = encode_latents(comps["vae"], data, device, amp)
-    comps["vae"].register_to_config(scaling_factor=scale)
+    if init_from is None:
+        info.update(train_vae(comps["vae"], data, cfg, out, device, amp))
+        lat, scale = encode_latents(comps["vae"], data, device, amp)
+        comps["vae"].register_to_config(scaling_factor=scale)
+    else:
+        info["init_from"] = str(init_from)
+        comps["vae"].to(device)
+        lat, scale = encode_latents(comps["vae"], data, device, amp, scale=comps["vae"].config.scaling_factor)
     info["scaling_factor"] = scale
     del data
     tok = comps["tokenizer"]
@@ -473,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--pack-dir", type=Path, default=None, help="also write tar parts (<= 15 MiB) here")
     ap.add_argument("--workers", type=int, default=0, help="render processes (0: cpu_count - 1)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="exported pipeline folder to fine-tune (keeps its VAE and tokenizer)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="override config fields")
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{**PRESETS[args.preset], "seed": args.seed})
@@ -480,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         key, value = kv.split("=", 1)
         val = json.loads(value)
         setattr(cfg, key, tuple(val) if isinstance(val, list) else val)
-    run(cfg, args.out, torch.device(args.device), args.pack_dir, args.workers)
+    run(cfg, args.out, torch.device(args.device), args.pack_dir, args.workers, args.init_from)
 
 
 if __name__ == "__main__":
