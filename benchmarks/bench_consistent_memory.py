@@ -69,7 +69,7 @@ def released_hooks(unet, rate: float, id_images: int, store: list, state: dict):
             gen = torch.Generator().manual_seed(hash(key) & 0xFFFF)
             state["idx"][key] = [(torch.rand(n, generator=gen) < rate).nonzero().squeeze(1).to(h.device)
                                  for _ in range(id_images)]
-        hv = h.view(2, id_images, n, -1)
+        hv = h.reshape(2, id_images, n, -1)
         store.append([hv[:, i].index_select(1, idx).clone() for i, idx in enumerate(state["idx"][key])])
 
     for name, mod in unet.named_modules():
