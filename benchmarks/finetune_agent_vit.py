@@ -1,10 +1,10 @@
 """Convert a trained timm ViT to agent attention and fine-tune it back (CPU, procedural shapes, no downloads).
 
-    python benchmarks/finetune_agent_vit.py                    # ~10 min on 2 busy CPU cores
-    python benchmarks/finetune_agent_vit.py --quick            # smoke run (seconds)
+    python benchmarks/finetune_agent_vit.py                    # 5-25 min on 2 CPU cores (load-dependent)
+    python benchmarks/finetune_agent_vit.py --quick            # smoke run (under a minute)
 
-Steps: (1) train a small ViT (timm ``VisionTransformer``, random init) to classify the shape of a single object
-in 32 px images from :mod:`visattn.data.shapes` (6 classes); (2) ``visattn.convert.to_agent`` with each init and
+Steps: (1) train a small ViT (timm ``VisionTransformer``, random init) to classify an attribute (``--label``,
+default the colour, 12 classes) of the single object in 32 px images from :mod:`visattn.data.shapes`; (2) ``visattn.convert.to_agent`` with each init and
 report accuracy and output closeness (logit cosine) before any training; (3) fine-tune the converted model;
 (4) as a control, fine-tune the dense model for the same number of steps. Writes JSON (``--out``).
 """
@@ -91,8 +91,8 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=8, help="epochs to train the dense model")
     p.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning epochs after conversion")
     p.add_argument("--agents", type=int, default=16)
-    p.add_argument("--label", default="position", choices=sorted(NUM_CLASSES),
-                   help="what to classify about the single object (position needs global attention)")
+    p.add_argument("--label", default="color", choices=sorted(NUM_CLASSES),
+                   help="attribute of the single object to classify (colour: the class token must find the object)")
     p.add_argument("--init", default="local", choices=["local", "zero", "official"])
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ft-lr", type=float, default=5e-4)
