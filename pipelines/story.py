@@ -186,7 +186,8 @@ class StoryPipeline:
         opts = dict(cfg.get("method", {}))
         if "gate" in opts:
             opts["gate"] = tuple(opts["gate"])
-        story = {k: v for k, v in cfg.items() if k in ("mode", "bank_device", "max_bank_bytes", "cfg_chunks", "same_noise")}
+        keys = ("mode", "bank_device", "max_bank_bytes", "cfg_chunks", "same_noise")
+        story = {k: v for k, v in cfg.items() if k in keys}
         story.update({k: kwargs.pop(k) for k in list(kwargs) if k in ("mode", "bank_device", "max_bank_bytes",
                                                                       "bank_dtype", "method", "cfg_chunks",
                                                                       "same_noise")})

@@ -1,4 +1,4 @@
-"""Consistent attention through visattn.apply on tiny models: SDXL-style UNet (non-square), SD3 and Flux joint attention."""
+"""Consistent attention through visattn.apply: SDXL-style UNet (non-square), SD3 and Flux joint attention."""
 import pytest
 import torch
 

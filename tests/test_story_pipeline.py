@@ -76,14 +76,15 @@ def test_story_end_to_end_and_bank_reuse(pipe, tmp_path):
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == before  # removed after the call
     # the saved bank replaces the identity run: same panel 1, identity panel not regenerated
     bank.save(tmp_path / "bob.safetensors")
-    again = story("[Bob] a man in a red hat", panels[1:], banks={"Bob": IdentityBank.load(tmp_path / "bob.safetensors")},
-                  **RUN)
+    loaded = IdentityBank.load(tmp_path / "bob.safetensors")
+    again = story("[Bob] a man in a red hat", panels[1:], banks={"Bob": loaded}, **RUN)
     assert again.identity_panels == {}
     a, b = (_px(im) for im in (out.panels[1], again.panels[0]))
     assert (a - b).abs().max() <= 1.0  # fp16-free CPU run: identical up to uint8 rounding
     # the [NC] panel equals the untouched pipeline with the same seed
     g = torch.Generator().manual_seed(RUN["seed"])
-    plain = pipe("an empty street", generator=[g], num_inference_steps=2, height=32, width=48, guidance_scale=3.0).images[0]
+    plain = pipe("an empty street", generator=[g], num_inference_steps=2, height=32, width=48,
+                 guidance_scale=3.0).images[0]
     assert (_px(plain) - _px(out.panels[2])).abs().max() <= 1.0
 
 
