@@ -10,25 +10,14 @@ import torch
 __all__ = ["tiny_sd_pipeline"]
 
 
-def _byte_chars() -> list:
-    """The 256 printable characters CLIP's byte-level BPE uses for bytes."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def tiny_sd_pipeline(seed: int = 0, device: str = "cpu"):
     """A ~1.5 M-parameter ``StableDiffusionPipeline`` with random weights (seeded), no network access."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    chars = _byte_chars()
+    from visattn.pipelines.tokenizer import bytes_to_unicode
+
+    chars = bytes_to_unicode()
     merges = ["a t</w>", "c a", "ca t</w>", "o g</w>", "d og</w>"]
     tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
