@@ -1,5 +1,4 @@
 """AgentSD on tiny random-weight models through visattn.apply: closeness to dense, schedule, text stays dense."""
-import pytest
 import torch
 import torch.nn.functional as F
 
