@@ -58,9 +58,17 @@ def plan(model: torch.nn.Module, layers) -> list:
     return chosen
 
 
+def _model_eager(module: torch.nn.Module):
+    """The model file's own ``eager_attention_forward`` (softcap, sinks, dropout as the model defines them)."""
+    import sys
+
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
 def _original_fn(name: str):
     if name == "eager":
-        # eager lives in each model file; the generic one handles GQA via module.num_key_value_groups
+        # eager lives in each model file (looked up per module at call time, see _visattn_attention); this generic
+        # one is only used for a module whose file defines none, and handles GQA via module.num_key_value_groups
         from transformers.integrations.sdpa_attention import repeat_kv
 
         def eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -82,7 +90,8 @@ def _visattn_attention(orig: str):
         ctx: Optional[LayerCtx] = getattr(module, "_visattn_ctx", None)
         q_len, kv_len = query.shape[2], key.shape[2]
         if ctx is None or q_len <= 1:
-            return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            fn = (_model_eager(module) or fallback) if orig == "eager" else fallback
+            return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         mask = attention_mask
         if mask is None and kwargs.get("is_causal", getattr(module, "is_causal", True)):
             mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]

@@ -104,6 +104,7 @@ class Consistent(AttentionMethod):
         self._last_step = -1
         self._layouts: Dict[tuple, object] = {}
         self._samples: Dict[tuple, torch.Tensor] = {}
+        self._pools: Dict[tuple, tuple] = {}
         self.stats: Dict[str, int] = {"csa_calls": 0, "plain_calls": 0}
 
     # ------------------------------------------------------------------ modes
@@ -118,6 +119,7 @@ class Consistent(AttentionMethod):
         self._last_step = -1
         self._layouts.clear()
         self._samples.clear()
+        self._pools.clear()
 
     def set_batch(self) -> None:
         """Batch mode: images of a batch share sampled tokens with each other (no bank)."""
@@ -232,7 +234,16 @@ class Consistent(AttentionMethod):
     def _batch(self, q, k, v, geometry, step, slot0, chunks, scale) -> torch.Tensor:
         n = q.shape[0] // chunks
         sel = self._sample(geometry, step, n, q.device)
-        owner, flat = pool_indices(sel, geometry)
+        # pool indices and layouts depend on the sample (seed, step, grid) and on where the grid sits: cache them
+        # under one key so a new seed never reuses a stale layout and the nonzero() sync runs once per sample
+        seed = self.seed if self.seed is not None else (geometry.seed if geometry.seed is not None else 0)
+        pkey = (seed, step, n, geometry.seq_len, geometry.num_prefix, tuple(geometry.grid), str(q.device))
+        pooled = self._pools.get(pkey)
+        if pooled is None:
+            if len(self._pools) > 64:
+                self._pools.clear()
+            pooled = self._pools[pkey] = pool_indices(sel, geometry)
+        owner, flat = pooled
         if self._mode == "write":
             pk, pv = gather_pool(k, v, flat, chunks)
             for c in range(chunks):
@@ -242,13 +253,11 @@ class Consistent(AttentionMethod):
         if self.window is not None and self.window < n - 1:
             return self._windowed(q, k, v, geometry, sel, chunks, scale)
         if self.path == "layout":
-            N = geometry.seq_len
-            key = (step, n, N, geometry.num_prefix, tuple(geometry.grid), str(q.device))
-            layout = self._layouts.get(key)
+            layout = self._layouts.get(pkey)
             if layout is None:
                 if len(self._layouts) > 16:
                     self._layouts.clear()
-                layout = self._layouts[key] = build_layout(n, N, flat, q.device)
+                layout = self._layouts[pkey] = build_layout(n, geometry.seq_len, flat, q.device)
             return layout_batch_attention(q, k, v, layout, chunks, scale, self.backend)
         pk, pv = gather_pool(k, v, flat, chunks)
         return concat_batch_attention(q, k, v, pk, pv, owner, chunks, scale)
