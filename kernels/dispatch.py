@@ -7,6 +7,7 @@ that says whether it can run a given call and why not.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -16,7 +17,7 @@ import torch
 from .layout import BlockLayout
 from .reference import masked_attention
 
-__all__ = ["block_sparse_attention", "register_backend", "available_backends", "Backend", "BACKENDS"]
+__all__ = ["block_sparse_attention", "register_backend", "available_backends", "check_backend_name", "Backend", "BACKENDS"]
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Backend:
 
 
 BACKENDS: Dict[str, Backend] = {}
+_log = logging.getLogger("visattn")
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -79,12 +81,25 @@ def _load_optional_backends() -> None:
                 raise
 
 
+def check_backend_name(name: str, param: str = "backend") -> str:
+    """Raise ``ValueError`` naming ``param`` unless ``name`` is "auto" or a registered backend (for method configs,
+    so a typo fails when the method is built, not at the first forward deep inside a model)."""
+    _load_optional_backends()
+    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
+        raise ValueError(f"{param} must be one of {['auto', *BACKENDS]}, got {name!r}")
+    return name
+
+
 def _pick_auto(q: torch.Tensor, layout: BlockLayout, needs_grad: bool) -> str:
     forced = os.environ.get("VISATTN_BACKEND")
     if forced:
         return forced
-    if q.is_cuda and "triton" in BACKENDS and BACKENDS["triton"].probe(q, layout, needs_grad) is None:
-        return "triton"
+    if q.is_cuda and "triton" in BACKENDS:
+        why = BACKENDS["triton"].probe(q, layout, needs_grad)
+        if why is None:
+            return "triton"
+        _log.warning("block_sparse_attention: triton cannot run this call (%s); using the dense 'sdpa' reference, "
+                     "which builds the full (Nq, Nk) mask", why)
     return "sdpa"
 
 
@@ -106,6 +121,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must share batch and head_dim, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     layout.check_compatible(q.shape[0], q.shape[1], q.shape[2], k.shape[2])

@@ -336,7 +336,8 @@ class BlockLayout:
                 dense = dense[:, :, torch.argsort(self.perm_q)]
             if self.perm_k is not None:
                 dense = dense[:, :, :, torch.argsort(self.perm_k)]
-        self._cache[key] = dense
+        if dense.numel() <= 1 << 24:  # keep small expansions only; large ones would pin N x N memory on the layout
+            self._cache[key] = dense
         return dense
 
     def transposed(self) -> dict:

@@ -177,3 +177,12 @@ def test_check_compatible_errors():
         lay.check_compatible(4, 3, 32, 48)
     with pytest.raises(ValueError, match="heads"):
         lay.check_compatible(2, 6, 32, 48)
+
+
+def test_dispatch_rejects_mixed_dtypes_and_devices_by_name():
+    from visattn.kernels import BlockLayout, block_sparse_attention
+
+    layout = BlockLayout.from_block_mask(torch.ones(1, 1, 2, 2, dtype=torch.bool), block_size=32, seq_lens=64)
+    q = torch.randn(1, 1, 64, 16)
+    with pytest.raises(ValueError, match="share a dtype"):
+        block_sparse_attention(q, q.double(), q, layout)

@@ -32,6 +32,7 @@ from ._consistent_attn import (appended_attention, build_layout, concat_batch_at
 from ._consistent_bank import BankMemoryError, IdentityBank
 from ._consistent_sampling import gate_fires, layer_wanted, sample_mask
 from .base import AttentionMethod, register_method
+from ..kernels import check_backend_name
 
 __all__ = ["Consistent", "IdentityBank", "BankMemoryError"]
 
@@ -83,6 +84,7 @@ class Consistent(AttentionMethod):
         if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, (int, float)) or \
                 not 0.0 <= float(self.sample_rate) <= 1.0 or math.isnan(float(self.sample_rate)):
             raise ValueError(f"sample_rate must be a number in [0, 1], got {self.sample_rate!r}")
+        check_backend_name(self.backend)
         if not isinstance(self.id_images, int) or self.id_images < 1:
             raise ValueError(f"id_images must be an int >= 1, got {self.id_images!r}")
         g = tuple(self.gate) if isinstance(self.gate, (tuple, list)) else (self.gate, self.gate)

@@ -20,6 +20,7 @@ from ..kernels.layout import BlockLayout
 from ._na_layout import block_counts, default_block_size, get_layout
 from ._na_mask import NASpec, make_mask_mod
 from .base import AttentionMethod, register_method
+from ..kernels import check_backend_name
 
 __all__ = ["neighborhood_attention", "neighborhood_layout", "Neighborhood"]
 
@@ -178,6 +179,7 @@ class Neighborhood(AttentionMethod):
     block_size: Optional[Union[int, Tuple[int, int]]] = None
 
     def __post_init__(self) -> None:
+        check_backend_name(self.backend)
         for name in ("kernel_size", "dilation", "stride"):
             val = getattr(self, name)
             vals = val if isinstance(val, (tuple, list)) else (val,)

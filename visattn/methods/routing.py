@@ -19,6 +19,7 @@ from ..geometry import TokenGeometry
 from . import _routing_core as core
 from ._routing_gather import bilevel_routing_attention_gather
 from .base import AttentionMethod, register_method
+from ..kernels import check_backend_name
 
 __all__ = ["bilevel_routing_attention", "bilevel_routing_attention_gather", "BiLevelRouting"]
 
@@ -128,6 +129,10 @@ class BiLevelRouting(AttentionMethod):
             raise ValueError(f"topk must be a positive int, got {self.topk!r}")
         if self.topk > self.num_regions ** 2:
             raise ValueError(f"topk={self.topk} exceeds num_regions^2={self.num_regions ** 2}")
+        check_backend_name(self.backend)
+        if self.strategy not in ("auto", "aligned", "packed", "dense"):
+            raise ValueError(f"strategy must be one of ('auto', 'aligned', 'packed', 'dense'), "
+                             f"got {self.strategy!r}")
 
     def _grid(self, geometry: TokenGeometry) -> Optional[core.RegionGrid]:
         g = geometry.grid
