@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["BlockLayout", "MaskMod"]
+__all__ = ["BlockLayout", "MaskMod", "block_lists", "pack_bits", "unpack_bits"]
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``mask_mod(b, h, q_idx, kv_idx) -> bool``, called with broadcastable int64 tensors (original positions)."""
@@ -64,8 +64,8 @@ def unpack_bits(words: torch.Tensor, block_n: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :block_n].bool()
 
 
-def _pad_lists(rows: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """From a bool (..., nKB) selection produce sorted index lists (..., K) and counts (...)."""
+def block_lists(valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """From a bool selection (..., nKB) produce sorted int32 index lists (..., K) padded with 0, and counts (...)."""
     counts = valid.sum(-1).to(torch.int32)
     width = max(int(counts.max().item()) if counts.numel() else 0, 1)
     nkb = valid.shape[-1]
@@ -73,7 +73,6 @@ def _pad_lists(rows: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, t
     key = torch.where(valid, ar, ar + nkb)  # selected first, in ascending order
     order = key.sort(-1).values[..., :width]
     idx = torch.where(order < nkb, order, torch.zeros_like(order))
-    del rows
     return idx.to(torch.int32).contiguous(), counts.contiguous()
 
 
@@ -251,8 +250,8 @@ class BlockLayout:
         dev = full.device
         perm_q = None if perm_q is None else perm_q.to(dev, torch.long)
         perm_k = None if perm_k is None else perm_k.to(dev, torch.long)
-        f_idx, f_cnt = _pad_lists(full, full)
-        p_idx, p_cnt = _pad_lists(partial, partial)
+        f_idx, f_cnt = block_lists(full)
+        p_idx, p_cnt = block_lists(partial)
         Bl, Hl, nqb, _ = full.shape
         # evaluate the predicate inside each partial block and bit-pack it
         sel = torch.arange(p_idx.shape[-1], device=dev) < p_cnt.unsqueeze(-1)

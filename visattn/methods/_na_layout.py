@@ -22,7 +22,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..kernels.layout import BlockLayout
+from ..kernels.layout import BlockLayout, block_lists
 from ._na_mask import NASpec, axis_windows, make_mask_mod
 from ._na_table import build_mask_table
 
@@ -225,17 +225,6 @@ def _classify(spec: NASpec, perm: torch.Tensor, block_size: Tuple[int, int], chu
     return full, partial, qi, ki, tabs
 
 
-def _dense_to_lists(sel: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Bool (nQB, nKB) -> sorted index lists (1, 1, nQB, K) int32 and counts (1, 1, nQB) int32."""
-    counts = sel.sum(-1)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    nkb = sel.shape[-1]
-    ar = torch.arange(nkb, device=sel.device).expand_as(sel)
-    order = torch.where(sel, ar, ar + nkb).sort(-1).values[:, :width]
-    idx = torch.where(order < nkb, order, torch.zeros_like(order))
-    return idx.to(torch.int32)[None, None].contiguous(), counts.to(torch.int32)[None, None].contiguous()
-
-
 def _dedup_masks(layout: BlockLayout) -> None:
     """Share identical partial-block masks (NA repeats a handful of border shapes): table rows become unique."""
     tbl = layout.mask_table
@@ -259,8 +248,8 @@ def _build(spec: NASpec, block_size: Tuple[int, int], device: torch.device) -> T
     if N % bn:  # layout contract: a ragged last key block is never FULL
         partial[:, -1] |= full[:, -1]
         full[:, -1] = False
-    f_idx, f_cnt = _dense_to_lists(full)
-    p_idx, p_cnt = _dense_to_lists(partial)
+    f_idx, f_cnt = (t[None, None] for t in block_lists(full))
+    p_idx, p_cnt = (t[None, None] for t in block_lists(partial))
     mm = make_mask_mod(spec, device)
     table, mask_ids = build_mask_table(spec, perm, block_size, tile, p_idx, p_cnt, qi, ki, tabs, mm)
     layout = BlockLayout(N, N, bm, bn, f_cnt, f_idx, p_cnt, p_idx, mask_ids, table, perm, perm, mm)

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..kernels.layout import BlockLayout
+from ..kernels.layout import BlockLayout, block_lists
 
 logger = logging.getLogger("visattn")
 
@@ -332,8 +332,8 @@ def build_layout(routing: torch.Tensor, order: TokenOrder, num_groups: int, bloc
     full &= (torch.arange(nb, device=dev) * block + block <= nw).view(1, 1, nb)  # ragged last key block
     partial = (kept > 0) & ~full
     full, partial = full.unsqueeze(1), partial.unsqueeze(1)  # (B, 1, nb, nb)
-    f_idx, f_cnt = _lists(full)
-    p_idx, p_cnt = _lists(partial)
+    f_idx, f_cnt = block_lists(full)
+    p_idx, p_cnt = block_lists(partial)
     mask_mod = None
     has_partial = bool(p_cnt.any())
     if has_partial:
@@ -365,17 +365,6 @@ def _aligned_layout(routing: torch.Tensor, order: TokenOrder, bpr: int, block: i
                          zeros, zeros.clone(), table, order.perm, order.perm, None)
     layout._cache["inv_q"] = order.inv  # the dispatcher's un-permutation, precomputed once per grid
     return layout
-
-
-def _lists(sel: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    counts = sel.sum(-1).to(torch.int32)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    nkb = sel.shape[-1]
-    ar = torch.arange(nkb, device=sel.device).expand_as(sel)
-    key = torch.where(sel, ar, ar + nkb)
-    idx = key.sort(-1).values[..., :width]
-    idx = torch.where(idx < nkb, idx, torch.zeros_like(idx))
-    return idx.to(torch.int32).contiguous(), counts.contiguous()
 
 
 def dense_mask(routing: torch.Tensor, order: TokenOrder, num_groups: int, *, mask_padding: bool) -> torch.Tensor:
