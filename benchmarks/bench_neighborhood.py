@@ -17,12 +17,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Callable, Dict, Optional
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import median_ms  # noqa: E402
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -61,24 +63,7 @@ def allowed_pairs(spec) -> int:
 
 def _time(fn: Callable[[], object], reps: int, warmup: int, cuda: bool) -> float:
     """Median milliseconds of ``fn``."""
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, reps, warmup, cuda)
 
 
 def _try(fn: Callable[[], float]) -> object:

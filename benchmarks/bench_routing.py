@@ -13,12 +13,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import median_ms  # noqa: E402
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -62,22 +64,7 @@ def _name(shape) -> str:
 
 def _time(fn: Callable[[], object], reps: int, warmup: int, cuda: bool) -> float:
     """Median milliseconds of ``fn``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, reps, warmup, cuda)
 
 
 def _peak_mib(fn: Callable[[], object], cuda: bool) -> Optional[float]:

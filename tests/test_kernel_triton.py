@@ -12,19 +12,11 @@ from visattn.kernels import triton_backend as tb
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 
-pytestmark = pytest.mark.skipif(not tb.INTERPRET and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU")
+pytestmark = [pytest.mark.skipif(not tb.INTERPRET and not torch.cuda.is_available(),
+                                 reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU"),
+              pytest.mark.usefixtures("one_thread")]
 
 DEV = "cuda" if torch.cuda.is_available() and not tb.INTERPRET else "cpu"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny CPU tensors: one intra-op thread avoids OpenMP wake-up costs (ms per op on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _mod_dense(mod, B, H, nq, nk):

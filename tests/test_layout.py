@@ -7,13 +7,7 @@ import torch
 from visattn.kernels import BlockLayout, pack_bits, unpack_bits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny CPU tensors: one intra-op thread avoids OpenMP wake-up costs (ms per op on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dense_from_mod(mod, B, H, nq, nk, perm_q=None, perm_k=None):
