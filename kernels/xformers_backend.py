@@ -45,7 +45,13 @@ def _tail_is_keep_all(layout: BlockLayout) -> bool:
 
 
 def xformers_plan(layout: BlockLayout) -> Tuple[str, object]:
-    """("dense", None) | ("blockdiag", (q_seqlens, kv_seqlens)) | ("none", reason)."""
+    """("dense", None) | ("blockdiag", (q_seqlens, kv_seqlens)) | ("none", reason); computed once per layout."""
+    if "xformers_plan" not in layout._cache:
+        layout._cache["xformers_plan"] = _plan(layout)
+    return layout._cache["xformers_plan"]
+
+
+def _plan(layout: BlockLayout) -> Tuple[str, object]:
     if not _tail_is_keep_all(layout):
         return "none", "the layout has PARTIAL blocks (element masks), which xformers cannot express"
     cls_ = layout.block_classes() > 0  # (Bl, Hl, nQB, nKB) kept blocks
