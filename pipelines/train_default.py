@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 0
     n128: int = 60_000
     n256: int = 16_000
-    n512: int = 3_000
+    n512: int = 2_000
     vae_steps: int = 2_500
     vae_batch: int = 64
     vae_lr: float = 5e-4
@@ -53,9 +53,10 @@ class TrainConfig:
     unet_lr: float = 4e-4
     text_lr: float = 2e-4
     warmup: int = 200
-    unet_time: float = 210.0
+    unet_time: float = 320.0
     res_cycle: tuple[int, ...] = (128, 128, 128, 128, 128, 256, 256, 512)
     cfg_drop: float = 0.1
+    snr_gamma: float = 5.0  # v-loss weight min(snr + 1, gamma) / (snr + 1); 0 = plain v-loss
     ema_decay: float = 0.999
     clf_n: int = 24_000
     clf_steps: int = 2_000
@@ -168,6 +169,16 @@ def lr_at(step: int, total: int, warmup: int, time_frac: float = 0.0) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def snr_weight(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample weight of the v-prediction loss: min(snr + 1, gamma) / (snr + 1), a Min-SNR variant that
+    down-weights the easy low-noise steps and, unlike min(snr, gamma) / (snr + 1), keeps full weight at the
+    near-zero terminal SNR where background and layout are decided. gamma <= 0 gives weight 1."""
+    if gamma <= 0:
+        return torch.ones_like(alpha_bar)
+    snr_plus_one = 1.0 / (1.0 - alpha_bar)  # snr + 1 = alpha_bar / (1 - alpha_bar) + 1
+    return snr_plus_one.clamp(max=gamma) / snr_plus_one
+
+
 # ----------------------------------------------------------------------------------------------- stages
 def train_vae(vae, data: dict[int, torch.Tensor], cfg: TrainConfig, out: Path, device: torch.device,
               amp: torch.dtype | None) -> dict:
@@ -204,13 +215,14 @@ def train_vae(vae, data: dict[int, torch.Tensor], cfg: TrainConfig, out: Path, d
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        loss_ema = loss.detach() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.detach()
         if step % 200 == 0:
-            log(f"vae step {step} loss {loss_ema:.4f} ({time.time() - t0:.0f}s)", out)
+            log(f"vae step {step} loss {float(loss_ema):.4f} ({time.time() - t0:.0f}s)", out)
         if cfg.ckpt_every and time.time() - last_ckpt > cfg.ckpt_every:
             st.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0})
             last_ckpt = time.time()
-    info = {"vae_steps_done": step, "vae_seconds": round(time.time() - t0, 1), "vae_loss": loss_ema}
+    info = {"vae_steps_done": step, "vae_seconds": round(time.time() - t0, 1),
+            "vae_loss": None if loss_ema is None else float(loss_ema)}
     st.save({"model": vae.state_dict(), "step": step, "info": info}, done=True)
     log(f"vae: {info}", out)
     return info
@@ -259,7 +271,7 @@ def train_unet(comps: dict, lat: dict[int, torch.Tensor], ids: dict[int, torch.T
     te.train()
     opt = torch.optim.AdamW([{"params": list(unet.parameters()), "lr": cfg.unet_lr, "base": cfg.unet_lr},
                              {"params": list(te.parameters()), "lr": cfg.text_lr, "base": cfg.text_lr}],
-                            weight_decay=0.01, betas=(0.9, 0.99))
+                            weight_decay=0.01, betas=(0.9, 0.99), fused=device.type == "cuda")
     step, elapsed = 0, 0.0
     if saved is not None:
         opt.load_state_dict(saved["opt"])
@@ -296,7 +308,8 @@ def train_unet(comps: dict, lat: dict[int, torch.Tensor], ids: dict[int, torch.T
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             enc = te(tok)[0]
             pred = unet(xt, t_d, enc).sample
-        loss = F.mse_loss(pred.float(), target)
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * snr_weight(noise_sched.alphas_cumprod[t_d], cfg.snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -305,14 +318,15 @@ def train_unet(comps: dict, lat: dict[int, torch.Tensor], ids: dict[int, torch.T
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
-        loss_ema = loss.item() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss.item()
+        loss_ema = loss.detach() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss.detach()
         if step % 250 == 0:
-            log(f"unet step {step} loss {loss_ema:.4f} ({time.time() - t0:.0f}s)", out)
+            log(f"unet step {step} loss {float(loss_ema):.4f} ({time.time() - t0:.0f}s)", out)
         if cfg.ckpt_every and time.time() - last_ckpt > cfg.ckpt_every:
             checkpoint()
             export_fn({"unet_steps_done": step, "partial": True})
             last_ckpt = time.time()
-    info = {"unet_steps_done": step, "unet_seconds": round(time.time() - t0, 1), "unet_loss": loss_ema}
+    info = {"unet_steps_done": step, "unet_seconds": round(time.time() - t0, 1),
+            "unet_loss": None if loss_ema is None else float(loss_ema)}
     checkpoint(done=True, info=info)
     log(f"unet: {info}", out)
     return info
