@@ -53,7 +53,7 @@ class TrainConfig:
     unet_lr: float = 4e-4
     text_lr: float = 2e-4
     warmup: int = 200
-    unet_time: float = 320.0
+    unet_time: float = 300.0
     res_cycle: tuple[int, ...] = (128, 128, 128, 128, 128, 256, 256, 512)
     cfg_drop: float = 0.1
     snr_gamma: float = 5.0  # v-loss weight min(snr + 1, gamma) / (snr + 1); 0 = plain v-loss
