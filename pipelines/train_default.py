@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 0
     n128: int = 60_000
     n256: int = 16_000
-    n512: int = 2_000
+    n512: int = 3_000
     vae_steps: int = 2_500
     vae_batch: int = 64
     vae_lr: float = 5e-4
@@ -53,10 +53,10 @@ class TrainConfig:
     unet_lr: float = 4e-4
     text_lr: float = 2e-4
     warmup: int = 200
-    unet_time: float = 300.0
+    unet_time: float = 210.0
     res_cycle: tuple[int, ...] = (128, 128, 128, 128, 128, 256, 256, 512)
     cfg_drop: float = 0.1
-    snr_gamma: float = 5.0  # v-loss weight min(snr + 1, gamma) / (snr + 1); 0 = plain v-loss
+    snr_gamma: float = 0.0  # > 0: v-loss weight min(snr + 1, gamma) / (snr + 1); 0 = plain v-loss (shipped)
     ema_decay: float = 0.999
     clf_n: int = 24_000
     clf_steps: int = 2_000
