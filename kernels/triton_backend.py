@@ -26,7 +26,7 @@ import torch
 from .dispatch import Backend, register_backend
 from .layout import BlockLayout
 
-__all__ = ["triton_block_sparse_attention", "INTERPRET", "CONFIG_OVERRIDES", "kernel_config"]
+__all__ = ["triton_block_sparse_attention", "INTERPRET", "CONFIG_OVERRIDES", "kernel_config", "fuse_mode"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -52,8 +52,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # "fwd" tma). Set by benchmarks/tuning; any key part may be None (wildcard); more specific keys win.
 CONFIG_OVERRIDES: Dict[Tuple, dict] = {}
 SHORT_ROW_BLOCKS = 32
-# apply the layout's token permutation inside the kernels instead of gather/scatter copies (off until measured)
-FUSE_PERMUTATION = os.environ.get("VISATTN_FUSE_PERMUTATION", "0") == "1"
+# Where the layout's token permutation is applied (read at every call, so it can be switched in-process):
+#   False: gather/scatter copies around the kernels (default until measured);
+#   True:  inside the kernels' loads and stores, no copies (K/V then use pointer loads, not TMA);
+#   "q":   Q gather and output scatter inside the kernels, K/V by copies (K/V keep TMA loads).
+# Env VISATTN_FUSE_PERMUTATION: "1"/"true"/"all" -> True, "q" -> "q", else False.
+_FUSE_ENV = os.environ.get("VISATTN_FUSE_PERMUTATION", "0").strip().lower()
+FUSE_PERMUTATION = "q" if _FUSE_ENV == "q" else _FUSE_ENV in ("1", "true", "all")
 
 
 def kernel_config(kernel: str, block_m: int, block_n: int, d_pad: int, dtype: torch.dtype) -> dict:
@@ -501,12 +506,20 @@ def _tma_ok(t: torch.Tensor) -> bool:
             and all((st * es) % 16 == 0 for st in t.stride()[:-1]))
 
 
-def _perm_args(layout: BlockLayout, fused: bool) -> dict:
-    """Permutation pointers for the kernels: with ``fused`` the kernels gather q/k/v rows and scatter the
-    outputs through ``perm_q`` / ``perm_k`` themselves (tensors stay in original order)."""
+def _fuse_flags(fused) -> Tuple[bool, bool]:
+    """``fused`` as (q/o side, k/v side): a bool for both, or a pair."""
+    if isinstance(fused, (tuple, list)):
+        return bool(fused[0]), bool(fused[1])
+    return bool(fused), bool(fused)
+
+
+def _perm_args(layout: BlockLayout, fused) -> dict:
+    """Permutation pointers for the kernels: with ``fused`` (a bool, or a (q, k) pair of bools) the kernels
+    gather q (and/or k/v) rows and scatter the outputs (and/or dk/dv) through ``perm_q`` / ``perm_k``
+    themselves (those tensors stay in original order)."""
     out = {}
-    for name, perm in (("Q", layout.perm_q), ("K", layout.perm_k)):
-        on = fused and perm is not None
+    for name, perm, f in zip(("Q", "K"), (layout.perm_q, layout.perm_k), _fuse_flags(fused)):
+        on = f and perm is not None
         if on:
             key = f"triton_perm_{name}"
             if key not in layout._cache:
@@ -518,7 +531,7 @@ def _perm_args(layout: BlockLayout, fused: bool) -> dict:
     return out
 
 
-def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool, fused: bool = False):
+def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool, fused=False):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
@@ -547,7 +560,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool, fused: 
     return o, (lse if need_lse else None)
 
 
-def _backward(do, q, k, v, o, lse, dlse, layout: BlockLayout, scale: float, fused: bool = False):
+def _backward(do, q, k, v, o, lse, dlse, layout: BlockLayout, scale: float, fused=False):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dq = torch.empty_like(q)
@@ -609,35 +622,62 @@ def _run(q, k, v, layout, scale, return_lse, fused):
     return o, lse
 
 
+def fuse_mode(value) -> Tuple[bool, bool]:
+    """(fuse q/o, fuse k/v) for a ``fuse_permutation`` / ``FUSE_PERMUTATION`` value: False, True or "q"."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v == "q":
+            return True, False
+        if v in ("1", "true", "all"):
+            return True, True
+        if v in ("", "0", "false", "none", "copy", "copies"):
+            return False, False
+        raise ValueError(f"fuse_permutation must be False, True or 'q', got {value!r}")
+    return bool(value), bool(value)
+
+
+def _heads_last(t: torch.Tensor) -> bool:
+    """A (B, H, N, D) view of (B, N, H, D) memory (the usual ``x.view(B, N, H, D).transpose(1, 2)``)."""
+    return t.shape[1] > 1 and t.shape[2] > 1 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous()
+
+
+def _unpermute_like(o: torch.Tensor, inv: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``o[:, :, inv]`` in one copy, laid out like ``like``: heads-last inputs get a heads-last output, so
+    the caller's ``out.transpose(1, 2).reshape(B, N, H * D)`` is a view, not a second copy."""
+    if _heads_last(like):
+        return o.transpose(1, 2).index_select(1, inv).transpose(1, 2)
+    return o.index_select(2, inv)
+
+
 def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                                   scale: Optional[float] = None, return_lse: bool = False,
-                                  fuse_permutation: Optional[bool] = None):
+                                  fuse_permutation=None):
     """Block-sparse attention with our Triton kernels (differentiable in q, k, v and LSE).
 
     q (B, H, Nq, D), k/v (B, H_kv, Nk, D) in *original* token order. The layout's permutation, if any,
-    is applied either by gather/scatter copies around the kernels (default) or, with
-    ``fuse_permutation=True`` (default: module flag ``FUSE_PERMUTATION``, env
-    ``VISATTN_FUSE_PERMUTATION=1``), inside the kernels' loads and stores (no copies; K/V loads then
-    use pointers, not TMA). Returns ``out`` or ``(out, lse)`` with lse fp32 (B, H, Nq).
+    is applied by gather/scatter copies around the kernels (``False``, the default), inside the kernels'
+    loads and stores (``True``: no copies; K/V loads then use pointers, not TMA), or half and half
+    (``"q"``: the Q gather and the output scatter inside the kernel, K/V by copies that keep TMA loads).
+    ``fuse_permutation=None`` reads the module flag ``FUSE_PERMUTATION`` (env
+    ``VISATTN_FUSE_PERMUTATION=1`` / ``q``) at call time. Each copy is one ``index_select`` that also does
+    the heads transpose of heads-last inputs; the output has q's layout ((B, N, H, D) memory for a
+    heads-last q). Returns ``out`` or ``(out, lse)`` with lse fp32 (B, H, Nq).
     Prefer :func:`visattn.kernels.block_sparse_attention`.
     """
     why = _probe(q, layout, False)
     if why is not None:
         raise RuntimeError(f"triton backend cannot run: {why}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    fuse = FUSE_PERMUTATION if fuse_permutation is None else bool(fuse_permutation)
-    permuted = layout.perm_q is not None or layout.perm_k is not None
-    if not permuted or fuse:
-        o, lse = _run(q, k, v, layout, scale, return_lse, permuted)
-        return (o, lse) if return_lse else o
-    pk = layout.perm_k
-    qp = q if layout.perm_q is None else q.index_select(2, layout.perm_q)
-    kp = k if pk is None else k.index_select(2, pk)
-    vp = v if pk is None else v.index_select(2, pk)
-    o, lse = _run(qp, kp, vp, layout, scale, return_lse, False)
-    inv = layout.inv_perm_q
-    if inv is not None:
-        o = o.index_select(2, inv)
+    fq, fk = fuse_mode(FUSE_PERMUTATION if fuse_permutation is None else fuse_permutation)
+    pq, pk = layout.perm_q, layout.perm_k
+    fq, fk = fq and pq is not None, fk and pk is not None
+    qp = q if pq is None or fq else q.index_select(2, pq)
+    kp = k if pk is None or fk else k.index_select(2, pk)
+    vp = v if pk is None or fk else v.index_select(2, pk)
+    o, lse = _run(qp, kp, vp, layout, scale, return_lse, (fq, fk))
+    if pq is not None and not fq:
+        inv = layout.inv_perm_q
+        o = _unpermute_like(o, inv, q)
         lse = None if lse is None else lse.index_select(2, inv)
     return (o, lse) if return_lse else o
 

@@ -338,7 +338,7 @@ def test_causal_rows_run_longest_first_and_match_reference():
         assert (g.double() - r).abs().max().item() <= 5e-5 * max(1.0, r.abs().max().item())
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["copies", "fused"])
+@pytest.mark.parametrize("fuse", [False, True, "q"], ids=["copies", "fused", "fused_q"])
 def test_permutation_fused_in_kernels_matches_copies(fuse):
     """The permutation applied by the kernels' loads/stores equals the gather/scatter-copy path, fwd + bwd."""
     nq, nk = 60, 72
@@ -359,3 +359,27 @@ def test_permutation_fused_in_kernels_matches_copies(fuse):
                                  (qd, kd, vd))
     for g, r in zip(grads, rgrads):
         assert (g.double() - r).abs().max().item() <= 5e-5 * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize("fuse", [False, True, "q"], ids=["copies", "fused", "fused_q"])
+def test_heads_last_inputs_give_heads_last_output(fuse, monkeypatch):
+    """(B, N, H, D) memory seen as (B, H, N, D): the output comes back heads-last (so the caller's transpose +
+    reshape is a view) and equals the reference, in every mode; the module flag is read per call."""
+    nq = 75
+    perm = torch.randperm(nq, device=DEV)
+    mod = _hash_mod(salt=3)
+    lay = BlockLayout.from_mask_mod(mod, batch=None, heads=None, seq_lens=nq, block_size=16, device=DEV,
+                                    perm_q=perm, perm_k=perm)
+    x = torch.randn(3, 2, nq, 4, 32, device=DEV)  # (3, B, N, H, D)
+    q, k, v = (t.transpose(1, 2) for t in x.unbind(0))
+    monkeypatch.setattr(tb, "FUSE_PERMUTATION", fuse)
+    out, lse = block_sparse_attention(q, k, v, lay, backend="triton", return_lse=True)
+    assert out.shape == (2, 4, nq, 32) and out.transpose(1, 2).is_contiguous()
+    _check(out, lse, *_ref(q, k, v, _mod_dense(mod, 1, 1, nq, nq).expand(2, 4, nq, nq)), torch.float32)
+
+
+def test_fuse_mode_values():
+    assert tb.fuse_mode(False) == (False, False) and tb.fuse_mode(True) == (True, True)
+    assert tb.fuse_mode("q") == (True, False) and tb.fuse_mode("1") == (True, True)
+    with pytest.raises(ValueError, match="fuse_permutation"):
+        tb.fuse_mode("kv")
