@@ -1,19 +1,41 @@
 """Neighborhood attention benchmark (issue 4): ours (Triton, block-sparse, tiled) vs dense SDPA and FlexAttention.
 
-    python benchmarks/bench_neighborhood.py --quick        # H100: forward, few repetitions, no end-to-end
-    python benchmarks/bench_neighborhood.py                # H100: + forward+backward, Flex baselines, end to end
-    python benchmarks/bench_neighborhood.py --stats-only   # block counts of the issue's shapes (any device)
-    python benchmarks/bench_neighborhood.py --cases 3d-na,3d-gna --no-e2e   # split a full run (results merge)
-    python benchmarks/bench_neighborhood.py --e2e-only
+    python benchmarks/bench_neighborhood.py --stats-only            # block counts + tile candidates (CPU, any device)
+    python benchmarks/bench_neighborhood.py --quick                 # forward: dense vs ours (default settings)
+    python benchmarks/bench_neighborhood.py --sections fwd,flex,flex-untiled,64x64 --budget-s 420 --out A.json
+    python benchmarks/bench_neighborhood.py --sections fwdbwd,e2e,flex-bwd --budget-s 420 --out B.json
+    python benchmarks/bench_neighborhood.py --e2e-only              # the end-to-end denoising step only
 
-Every "ours" time includes the token permutation (gather in, inverse gather out); the kernel alone and the
-permutation alone are reported too. Layout build time (first call, then cached) is reported separately.
-On a machine without CUDA the timings run on tiny shapes (a logic check only). Writes JSON and prints a
-markdown table.
+Sections (run in the order below, each over the selected cases; an item (one section of one case) that
+would not fit in ``--budget-s`` is skipped and recorded as "skipped: budget"):
+
+- ``fwd``: dense cuDNN and flash SDPA; ours with the automatic block size and tiles, once per permutation
+  mode (``copy``: gather/scatter copies; ``fused``: inside the kernel loads/stores; ``fused_q``: Q and the
+  output inside the kernel, K/V by copies that keep TMA loads), switched in-process; the kernel alone and the
+  copies alone; ours with the other block size (128x128 <-> 128x64); heads-last inputs ((B, N, H, D) memory
+  and a (B, N, H*D) output, as in a model) for dense cuDNN and ours in every mode; max error vs fp32 rows.
+- ``e2e``: one denoising step of a tiny-width, full-resolution (2048 px) Flux-style transformer: dense vs NA vs
+  GNA vs the ``flux-2k`` preset, time and peak memory, in the ``copy`` mode and the mode that won most forward
+  cases (``--all-modes``: every mode).
+- ``fwdbwd``: forward+backward, dense cuDNN and flash, ours in ``copy`` and the case's fastest forward mode
+  (``--all-modes``: every mode).
+- ``64x64``: ours with 64x64 blocks (NA cases).
+- ``flex``: FlexAttention (torch.compile) on the identical layout (compile time recorded separately).
+- ``flex-untiled``: FlexAttention on row-major tokens with the NA ``mask_mod`` (NATTEN's flex path, no tiling).
+- ``flex-bwd``: FlexAttention forward+backward on the identical layout.
+
+``--merge A.json B.json ...`` merges the rows of several runs (later files win per key) into ``--out`` and
+prints the tables.
+
+Every "ours" time includes the token permutation (except the ``kernel`` figures). Progress is printed and
+flushed per measurement, and the JSON (``--out``) is rewritten after every measurement, so a run cut off by
+a timeout keeps what it measured; re-running merges into the same file (``--fresh`` starts over). On a machine
+without CUDA the cases are tiny (a logic check only).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -22,20 +44,20 @@ import time
 from typing import Callable, Dict, Optional
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import median_ms  # noqa: E402
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))
+from _timing import median_ms  # noqa: E402
 
 from visattn.functional import neighborhood_attention  # noqa: E402
 from visattn.kernels import block_sparse_attention  # noqa: E402
+from visattn.kernels.layout import block_lists  # noqa: E402
 from visattn.methods import _na_layout as nl  # noqa: E402
 from visattn.methods._na_mask import axis_windows, make_mask_mod  # noqa: E402
 from visattn.methods.neighborhood import make_spec  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # name, (B, H, shape, D), kernel, stride, target speed-up over dense
 CASES = [
     ("2d-na", (1, 24, (256, 256), 128), (80, 80), (1, 1), 6.0),
@@ -50,6 +72,15 @@ TINY = [
     ("3d-na", (1, 2, (4, 8, 12), 32), (2, 4, 4), (1, 1, 1), None),
     ("1d-na", (1, 2, (512,), 32), (64,), (1,), None),
 ]
+MODES = ("copy", "fused", "fused_q")
+MODE_FLAG = {"copy": False, "fused": True, "fused_q": "q"}
+SECTIONS = ("fwd", "e2e", "fwdbwd", "64x64", "flex", "flex-untiled", "flex-bwd")  # run in this order
+# rough wall-clock cost (s) of items, for the budget check (first Flex compile of a process is the slowest)
+EST = {"fwd": 45, "flex": 75, "flex-untiled": 75, "64x64": 25, "fwdbwd": 60, "e2e": 90, "flex-bwd": 150}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
 
 
 def allowed_pairs(spec) -> int:
@@ -61,26 +92,78 @@ def allowed_pairs(spec) -> int:
     return total
 
 
-def _time(fn: Callable[[], object], reps: int, warmup: int, cuda: bool) -> float:
-    """Median milliseconds of ``fn``."""
-    return median_ms(fn, reps, warmup, cuda)
+class Recorder:
+    """Holds the results; rewrites the JSON after every measurement (atomic rename) and logs it."""
+
+    def __init__(self, path: str, meta: dict, fresh: bool, budget_s: float):
+        self.path, self.t0, self.budget = path, time.perf_counter(), budget_s
+        self.data = {"meta": meta, "kernels": [], "e2e": None}
+        if os.path.exists(path) and not fresh:
+            with open(path) as f:
+                old = json.load(f)
+            self.data["kernels"] = old.get("kernels", [])
+            self.data["e2e"] = old.get("e2e")
+            self.data["meta_previous"] = old.get("meta")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def fits(self, est_s: float) -> bool:
+        return self.budget <= 0 or self.elapsed() + est_s <= self.budget
+
+    def row(self, case: str) -> dict:
+        for r in self.data["kernels"]:
+            if r.get("case") == case:
+                return r
+        r = {"case": case}
+        self.data["kernels"].append(r)
+        order = [c[0] for c in CASES]
+        self.data["kernels"].sort(key=lambda x: order.index(x["case"]) if x.get("case") in order else len(order))
+        return r
+
+    def put(self, target: dict, key: str, value, label: str = "") -> None:
+        target[key] = value
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)[:160]
+        log(f"[{self.elapsed():7.1f}s] {label or target.get('case', '')}: {key} = {shown}")
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1, default=str)
+        os.replace(tmp, self.path)
 
 
-def _try(fn: Callable[[], float]) -> object:
+def _try(fn: Callable[[], object]) -> object:
     try:
         return fn()
     except Exception as e:  # record, keep going: one failing baseline must not lose the other figures
-        return f"failed: {type(e).__name__}: {str(e)[:200]}"
+        msg = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return msg
 
 
-def dense_fn(q, k, v, cuda: bool) -> Dict[str, Callable]:
-    """Dense baselines: cuDNN and flash SDPA separately on CUDA, plain SDPA elsewhere."""
+@contextlib.contextmanager
+def perm_mode(mode: str):
+    """Switch where the Triton backend applies the token permutation, in-process (read per call)."""
+    from visattn.kernels import triton_backend as tb
+    saved = tb.FUSE_PERMUTATION
+    tb.FUSE_PERMUTATION = MODE_FLAG[mode]
+    try:
+        yield
+    finally:
+        tb.FUSE_PERMUTATION = saved
+
+
+def sdpa_fns(cuda: bool) -> Dict[str, Callable]:
     if not cuda:
-        return {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+        return {"sdpa": F.scaled_dot_product_attention}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def make(backend):
-        def fn():
+        def fn(q, k, v):
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v)
         return fn
@@ -88,113 +171,262 @@ def dense_fn(q, k, v, cuda: bool) -> Dict[str, Callable]:
     return {"cudnn": make(SDPBackend.CUDNN_ATTENTION), "flash": make(SDPBackend.FLASH_ATTENTION)}
 
 
-def run_case(name, dims, kernel, stride, target, *, reps: int, warmup: int, device: str, dtype, full: bool) -> dict:
-    B, H, shape, D = dims
-    cuda = device == "cuda"
-    spec = make_spec(shape, kernel, stride=stride)
-    N = spec.seq_len
-    g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(3))
-    kw = dict(spatial_shape=shape, kernel_size=kernel, stride=stride)
-    res: Dict[str, object] = {"case": name, "shape": f"({B}, {H}, {'x'.join(map(str, shape))}, {D})",
-                              "kernel": kernel, "stride": stride, "target_x": target}
-    bs = nl.default_block_size(torch.device(device), D)
-    t0 = time.perf_counter()
-    layout = nl.get_layout(spec, bs, device)
-    korder = nl.get_layout(spec, bs, device, kernel_order=True)
-    if cuda:
-        torch.cuda.synchronize()
-    res["layout_build_s"] = time.perf_counter() - t0
-    st = layout.stats()
-    res.update(block_m=bs[0], block_n=bs[1], tile=list(layout._cache.get("tile", ())), full=st["full"],
-               partial=st["partial"], empty=st["empty"], block_density=st["density"],
-               mask_table_mb=layout.mask_table.numel() * 4 / 2**20)
-    pairs = allowed_pairs(spec) * B * H
-    res["element_density"] = pairs / (B * H * N * N)
-    backend = "triton" if cuda else "sdpa"
+def _raise_compile_limits() -> None:
+    """Every case/layout recompiles flex_attention; the default recompile limit (8) would silently fall back to
+    eager flex (which materialises N x N scores)."""
+    try:
+        import torch._dynamo as dynamo
+    except Exception:
+        return
+    for name, val in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096),
+                      ("accumulated_cache_size_limit", 4096)):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, val)
 
-    for nm, fn in dense_fn(q, k, v, cuda).items():
-        res[f"dense_{nm}_ms"] = _try(lambda fn=fn: _time(fn, reps, warmup, cuda))
-    dense_times = [t for key, t in res.items() if key.startswith("dense_") and isinstance(t, float)]
-    res["dense_ms"] = min(dense_times) if dense_times else None
 
-    ours = lambda: neighborhood_attention(q, k, v, backend=backend, **kw)  # noqa: E731
-    res["ours_ms"] = _try(lambda: _time(ours, reps, warmup, cuda))
-    qp, kp, vp = (t.index_select(2, layout.perm_q) for t in (q, k, v))
-    res["ours_kernel_ms"] = _try(lambda: _time(lambda: block_sparse_attention(qp, kp, vp, korder, backend=backend),
-                                               reps, warmup, cuda))
-    inv = layout.inv_perm_q
-    res["permute_ms"] = _try(lambda: _time(lambda: [t.index_select(2, layout.perm_q) for t in (q, k, v)]
-                                           + [qp.index_select(2, inv)], reps, warmup, cuda))
-    if isinstance(res["ours_ms"], float):
-        res["useful_tflops"] = 4 * pairs * D / (res["ours_ms"] * 1e-3) / 1e12
-        if res["dense_ms"]:
-            res["speedup_x"] = res["dense_ms"] / res["ours_ms"]
-    # correctness on sampled query rows against an fp32 reference of those rows
-    with torch.no_grad():
-        out = neighborhood_attention(q, k, v, backend=backend, **kw)
-        rows = torch.randperm(N, generator=torch.Generator().manual_seed(1))[:64].to(device)
-        mm = make_mask_mod(spec, device)
-        mask = mm(0, 0, rows[:, None], torch.arange(N, device=device)[None, :])
-        s = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * D ** -0.5
+class Case:
+    """Inputs, layouts and helpers of one benchmark case."""
+
+    def __init__(self, name, dims, kernel, stride, target, device, dtype):
+        B, H, shape, D = dims
+        self.name, self.dims, self.kernel, self.stride, self.target = name, dims, kernel, stride, target
+        self.device, self.dtype, self.cuda = device, dtype, device == "cuda"
+        self.spec = make_spec(shape, kernel, stride=stride)
+        self.N = N = self.spec.seq_len
+        g = torch.Generator(device=device).manual_seed(0)
+        self.q, self.k, self.v = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(3))
+        self.kw = dict(spatial_shape=shape, kernel_size=kernel, stride=stride)
+        self.pairs = allowed_pairs(self.spec) * B * H
+        self.auto_bs = nl.auto_block_size(self.spec, device, D)
+        self.backend = "triton" if (self.cuda or _interpreter()) else "sdpa"
+
+    def layout(self, bs, kernel_order=False):
+        return nl.get_layout(self.spec, bs, self.device, kernel_order=kernel_order)
+
+    def ours(self, q=None, k=None, v=None, bs=None, backend=None):
+        q = self.q if q is None else q
+        return neighborhood_attention(q, self.k if k is None else k, self.v if v is None else v,
+                                      backend=backend or self.backend, block_size=bs, **self.kw)
+
+    def max_err(self, out, q=None, k=None, v=None) -> float:
+        """Max abs error of sampled rows (+ first and last) against an fp32 reference of those rows."""
+        q, k, v = (self.q if q is None else q), (self.k if k is None else k), (self.v if v is None else v)
+        N, dev = self.N, self.device
+        rows = torch.cat([torch.tensor([0, N - 1]), torch.randperm(N, generator=torch.Generator().manual_seed(1))[:62]])
+        rows = rows.to(dev)
+        mask = make_mask_mod(self.spec, dev)(0, 0, rows[:, None], torch.arange(N, device=dev)[None, :])
+        s = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v.float()
-        res["max_abs_err_vs_fp32"] = float((out[:, :, rows].float() - ref).abs().max())
-    if full:
-        if cuda and bs != (128, 64):  # the other block shape the Triton kernel runs well (64-wide key steps)
-            res["ours_128x64_ms"] = _try(lambda: _time(
-                lambda: neighborhood_attention(q, k, v, backend=backend, block_size=(128, 64), **kw),
-                reps, warmup, cuda))
-            st64 = nl.get_layout(spec, (128, 64), device).stats()
-            res["full_128x64"], res["partial_128x64"] = st64["full"], st64["partial"]
-        if cuda:
-            res["flex_same_layout_ms"] = _try(lambda: _time(
-                lambda: neighborhood_attention(q, k, v, backend="flex", **kw), reps, warmup, cuda))
-            res["flex_natten_style_ms"] = _try(lambda: _flex_untiled(q, k, v, spec, reps, warmup))
-        qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-        do = torch.randn_like(q)
+        return float((out[:, :, rows].float() - ref).abs().max())
 
-        def fb_ours():
-            o = neighborhood_attention(qg, kg, vg, backend=backend, **kw)
-            torch.autograd.grad(o, (qg, kg, vg), do)
-
-        def fb_dense():
-            o = F.scaled_dot_product_attention(qg, kg, vg)
-            torch.autograd.grad(o, (qg, kg, vg), do)
-
-        res["fwd_bwd_ours_ms"] = _try(lambda: _time(fb_ours, max(3, reps // 2), 1, cuda))
-        res["fwd_bwd_dense_ms"] = _try(lambda: _time(fb_dense, max(3, reps // 2), 1, cuda))
-        if isinstance(res["fwd_bwd_ours_ms"], float) and isinstance(res["fwd_bwd_dense_ms"], float):
-            res["fwd_bwd_speedup_x"] = res["fwd_bwd_dense_ms"] / res["fwd_bwd_ours_ms"]
-    return res
+    def time(self, fn, reps, warmup) -> float:
+        return median_ms(fn, reps, warmup, self.cuda)
 
 
-def _flex_untiled(q, k, v, spec, reps, warmup) -> float:
-    """Compiled FlexAttention on row-major tokens (no tiling) with the NA mask_mod in its partial blocks and
-    our exact FULL/PARTIAL block lists (NATTEN's flex path without token permutation)."""
+def _interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _heads_last(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a (B, H, N, D) view of (B, N, H, D) memory (what adapters hand over)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _to_tokens(o: torch.Tensor) -> torch.Tensor:
+    """What a model does with the attention output: (B, N, H * D) (a view when ``o`` is heads-last)."""
+    B, H, N, D = o.shape
+    return o.transpose(1, 2).reshape(B, N, H * D)
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def section_fwd(c: Case, rec: Recorder, reps: int, warmup: int, quick: bool) -> None:
+    r = rec.row(c.name)
+    B, H, shape, D = c.dims
+    r.update(shape=f"({B}, {H}, {'x'.join(map(str, shape))}, {D})", kernel=list(c.kernel), stride=list(c.stride),
+             target_x=c.target, element_density=c.pairs / (B * H * c.N * c.N))
+    t0 = time.perf_counter()
+    lay = c.layout(c.auto_bs)
+    if c.cuda:
+        torch.cuda.synchronize()
+    st = lay.stats()
+    r.update(block_m=c.auto_bs[0], block_n=c.auto_bs[1], tile=list(lay._cache.get("tile", ())),
+             sub_tile=list(lay._cache.get("sub_tile", ())), full=st["full"], partial=st["partial"],
+             empty=st["empty"], block_density=st["density"], permuted=lay.perm_q is not None,
+             mask_table_rows=int(lay.mask_table.shape[0]))
+    rec.put(r, "layout_build_s", time.perf_counter() - t0)
+    for nm, fn in sdpa_fns(c.cuda).items():
+        rec.put(r, f"dense_{nm}_ms", _try(lambda fn=fn: c.time(lambda: fn(c.q, c.k, c.v), reps, warmup)))
+    dense = [t for key, t in r.items() if key.startswith("dense_") and key.endswith("_ms") and isinstance(t, float)]
+    r["dense_ms"] = min(dense) if dense else None
+    modes = MODES if (lay.perm_q is not None and c.backend == "triton") else ("copy",)
+    if quick:
+        modes = ("copy",)
+    for mode in modes:
+        with perm_mode(mode):
+            rec.put(r, f"ours_{mode}_ms", _try(lambda: c.time(lambda: c.ours(), reps, warmup)))
+            with torch.no_grad():
+                rec.put(r, f"err_{mode}", _try(lambda: c.max_err(c.ours())))
+    times = {m: r[f"ours_{m}_ms"] for m in modes if isinstance(r.get(f"ours_{m}_ms"), float)}
+    if times:
+        best = min(times, key=times.get)
+        r.update(ours_ms=times["copy"] if "copy" in times else times[best], best_mode=best, ours_best_ms=times[best],
+                 max_abs_err_vs_fp32=max(r[f"err_{m}"] for m in times if isinstance(r.get(f"err_{m}"), float)))
+        r["useful_tflops"] = 4 * c.pairs * D / (times[best] * 1e-3) / 1e12
+        if r["dense_ms"]:
+            for m, t in times.items():
+                r[f"speedup_{m}_x"] = r["dense_ms"] / t
+            r["speedup_x"] = r["dense_ms"] / times[best]
+        rec.save()
+    # the kernel alone (inputs already in kernel order) and the copies alone
+    korder = c.layout(c.auto_bs, kernel_order=True)
+    if lay.perm_q is not None:
+        qp, kp, vp = (t.index_select(2, lay.perm_q) for t in (c.q, c.k, c.v))
+    else:
+        qp, kp, vp = c.q, c.k, c.v
+    rec.put(r, "ours_kernel_ms", _try(lambda: c.time(
+        lambda: block_sparse_attention(qp, kp, vp, korder, backend=c.backend), reps, warmup)))
+    if lay.perm_q is not None:
+        inv = lay.inv_perm_q
+        rec.put(r, "permute_ms", _try(lambda: c.time(
+            lambda: [t.index_select(2, lay.perm_q) for t in (c.q, c.k, c.v)] + [qp.index_select(2, inv)],
+            reps, warmup)))
+    else:
+        r["permute_ms"] = 0.0
+    if quick:
+        return
+    # the other block size (copy mode: the block size changes the kernel work, not the permutation)
+    other = (128, 128) if tuple(c.auto_bs) == (128, 64) else (128, 64)
+    if not c.cuda:
+        other = (32, 16)
+    tag = f"{other[0]}x{other[1]}"
+    lo = c.layout(other)
+    so = lo.stats()
+    r.update({f"full_{tag}": so["full"], f"partial_{tag}": so["partial"], f"tile_{tag}": list(lo._cache["tile"]),
+              f"sub_tile_{tag}": list(lo._cache["sub_tile"])})
+    with perm_mode("copy"):
+        rec.put(r, f"ours_{tag}_copy_ms", _try(lambda: c.time(lambda: c.ours(bs=other), reps, warmup)))
+    ko = c.layout(other, kernel_order=True)
+    if lo.perm_q is not None:
+        qo, ko_, vo = (t.index_select(2, lo.perm_q) for t in (c.q, c.k, c.v))
+    else:
+        qo, ko_, vo = c.q, c.k, c.v
+    rec.put(r, f"ours_{tag}_kernel_ms", _try(lambda: c.time(
+        lambda: block_sparse_attention(qo, ko_, vo, ko, backend=c.backend), reps, warmup)))
+    # heads-last inputs and a (B, N, H*D) output, as inside a model; dense gets the same views
+    qh, kh, vh = (_heads_last(t) for t in (c.q, c.k, c.v))
+    if c.cuda:
+        fn = sdpa_fns(True)["cudnn"]
+        rec.put(r, "hl_dense_cudnn_ms", _try(lambda: c.time(lambda: _to_tokens(fn(qh, kh, vh)), reps, warmup)))
+    for mode in modes:
+        with perm_mode(mode):
+            rec.put(r, f"hl_ours_{mode}_ms", _try(lambda: c.time(lambda: _to_tokens(c.ours(qh, kh, vh)), reps,
+                                                                    warmup)))
+
+
+def _flex_warm_and_time(c: Case, rec: Recorder, r: dict, key: str, fn: Callable, reps: int) -> None:
+    t0 = time.perf_counter()
+    first = _try(fn)
+    if c.cuda:
+        torch.cuda.synchronize()
+    rec.put(r, f"{key}_compile_s", time.perf_counter() - t0 if not isinstance(first, str) else first)
+    if isinstance(first, str):
+        return
+    rec.put(r, f"{key}_ms", _try(lambda: c.time(fn, reps, 1)))
+
+
+def section_flex(c: Case, rec: Recorder, reps: int) -> None:
+    r = rec.row(c.name)
+    with torch.no_grad():
+        _flex_warm_and_time(c, rec, r, "flex_same_layout", lambda: c.ours(bs=c.auto_bs, backend="flex"), reps)
+        if isinstance(r.get("flex_same_layout_ms"), float):
+            out = c.ours(bs=c.auto_bs, backend="flex")
+            rec.put(r, "flex_err", c.max_err(out))
+            if isinstance(r.get("ours_best_ms"), float):
+                rec.put(r, "flex_over_ours_x", r["flex_same_layout_ms"] / r["ours_best_ms"])
+
+
+def section_flex_untiled(c: Case, rec: Recorder, reps: int) -> None:
+    """Compiled FlexAttention on row-major tokens (no tiling) with the NA mask_mod in its partial blocks and the
+    exact FULL/PARTIAL block lists of that order (NATTEN's flex path without token permutation)."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    N, dev = spec.seq_len, q.device
-    full, partial = nl.classify_blocks(spec, torch.arange(N, device=dev), (128, 128))
-    if N % 128:
+    r = rec.row(c.name)
+    spec, dev, N = c.spec, c.device, c.N
+    bs = 128 if c.cuda else 32
+    full, partial = nl.classify_blocks(spec, torch.arange(N, device=dev), (bs, bs))
+    if N % bs:
         partial[:, -1] |= full[:, -1]
         full[:, -1] = False
     nkb = full.shape[1]
+    r.update(untiled_full=int(full.sum()), untiled_partial=int(partial.sum()))
 
     def lists(sel):
-        idx, cnt = nl._dense_to_lists(sel)
+        idx, cnt = block_lists(sel)
         out = torch.zeros(1, 1, sel.shape[0], nkb, dtype=torch.int32, device=dev)
         out[..., :idx.shape[-1]] = idx
-        return cnt, out
+        return cnt[None, None].contiguous(), out
 
     pc, pi = lists(partial)
     fc, fi = lists(full)
-    bm = BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=128, mask_mod=make_mask_mod(spec, dev),
-                                  seq_lengths=(N, N))
-    fn = torch.compile(flex_attention)
-    return _time(lambda: fn(q, k, v, block_mask=bm), reps, warmup, True)
+    bm = BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=bs, mask_mod=make_mask_mod(spec, dev), seq_lengths=(N, N))
+    fn = torch.compile(flex_attention, dynamic=False) if c.cuda else flex_attention
+    with torch.no_grad():
+        _flex_warm_and_time(c, rec, r, "flex_untiled", lambda: fn(c.q, c.k, c.v, block_mask=bm), reps)
 
 
-def run_e2e(device: str, dtype, reps: int, res_px: int = 2048) -> dict:
+def section_64(c: Case, rec: Recorder, reps: int, warmup: int) -> None:
+    r = rec.row(c.name)
+    bs = (64, 64) if c.cuda else (16, 16)
+    st = c.layout(bs).stats()
+    r.update(full_64x64=st["full"], partial_64x64=st["partial"])
+    with perm_mode("copy"):
+        rec.put(r, "ours_64x64_copy_ms", _try(lambda: c.time(lambda: c.ours(bs=bs), reps, warmup)))
+
+
+def _modes_after_fwd(r: Optional[dict], all_modes: bool) -> tuple:
+    """copy (the default) plus the fastest forward mode of ``r``; every mode when unknown or ``all_modes``."""
+    best = (r or {}).get("best_mode")
+    if all_modes or best not in MODES:
+        return MODES
+    return ("copy",) if best == "copy" else ("copy", best)
+
+
+def section_fwdbwd(c: Case, rec: Recorder, reps: int, flex: bool = False, all_modes: bool = False) -> None:
+    r = rec.row(c.name)
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (c.q, c.k, c.v))
+    do = torch.randn_like(c.q)
+
+    def fb(fwd):
+        def run():
+            o = fwd()
+            torch.autograd.grad(o, (qg, kg, vg), do)
+        return run
+
+    if flex:
+        lay = c.layout(c.auto_bs)
+        if lay.partial_counts.sum() == 0 or c.cuda:
+            _flex_warm_and_time(c, rec, r, "fwd_bwd_flex", fb(lambda: c.ours(qg, kg, vg, bs=c.auto_bs, backend="flex")),
+                                reps)
+        return
+    for nm, fn in sdpa_fns(c.cuda).items():
+        rec.put(r, f"fwd_bwd_dense_{nm}_ms", _try(lambda fn=fn: c.time(fb(lambda: fn(qg, kg, vg)), reps, 1)))
+    dense = [t for key, t in r.items() if key.startswith("fwd_bwd_dense_") and isinstance(t, float)]
+    r["fwd_bwd_dense_ms"] = min(dense) if dense else None
+    lay = c.layout(c.auto_bs)
+    modes = _modes_after_fwd(r, all_modes) if (lay.perm_q is not None and c.backend == "triton") else ("copy",)
+    for mode in modes:
+        with perm_mode(mode):
+            rec.put(r, f"fwd_bwd_ours_{mode}_ms", _try(lambda: c.time(fb(lambda: c.ours(qg, kg, vg)), reps, 1)))
+            t = r[f"fwd_bwd_ours_{mode}_ms"]
+            if isinstance(t, float) and r["fwd_bwd_dense_ms"]:
+                rec.put(r, f"fwd_bwd_speedup_{mode}_x", r["fwd_bwd_dense_ms"] / t)
+    times = [r[f"fwd_bwd_ours_{m}_ms"] for m in modes if isinstance(r.get(f"fwd_bwd_ours_{m}_ms"), float)]
+    if times and r["fwd_bwd_dense_ms"]:
+        r["fwd_bwd_speedup_x"] = r["fwd_bwd_dense_ms"] / min(times)
+        rec.save()
+
+
+def run_e2e(device: str, dtype, reps: int, rec: Recorder, res_px: int = 2048, all_modes: bool = False) -> None:
     """One denoising step of a tiny-width, full-resolution Flux-style transformer (2048 px -> 128x128 tokens)."""
     import visattn
     from diffusers import FluxTransformer2DModel
@@ -216,8 +448,10 @@ def run_e2e(device: str, dtype, reps: int, res_px: int = 2048) -> dict:
                img_ids=ids.reshape(h * w, 3), txt_ids=torch.zeros(text, 3, device=device))
     kern = (48, 48) if cuda else (6, 6)
     stride = (16, 16) if cuda else (2, 2)
-    out = {"e2e": f"Flux-style, 2 double + 4 single blocks, 4x128 heads, {h}x{w} image tokens + {text} text",
-           "kernel": kern}
+    out = rec.data["e2e"] if isinstance(rec.data.get("e2e"), dict) else {}
+    rec.data["e2e"] = out
+    out.update(e2e=f"Flux-style, 2 double + 4 single blocks, 4x128 heads, {h}x{w} image tokens + {text} text "
+                   f"(global), one step, no grad", kernel=list(kern), stride=list(stride))
 
     def step():
         with torch.no_grad():
@@ -227,39 +461,60 @@ def run_e2e(device: str, dtype, reps: int, res_px: int = 2048) -> dict:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        out[f"{tag}_ms"] = _time(step, reps, 1, cuda)
+        rec.put(out, f"{tag}_ms", _try(lambda: median_ms(step, reps, 1, cuda)), "e2e")
         if cuda:
             out[f"{tag}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if isinstance(out.get(f"{tag}_ms"), float) and isinstance(out.get("dense_ms"), float) and tag != "dense":
+            rec.put(out, f"{tag}_speedup_x", out["dense_ms"] / out[f"{tag}_ms"], "e2e")
 
     measure("dense")
-    for tag, kw in (("na", dict(kernel_size=kern)), ("gna", dict(kernel_size=kern, stride=stride))):
+    configs = [("na", dict(kernel_size=kern)), ("gna", dict(kernel_size=kern, stride=stride)),
+               ("flux2k", dict(kernel_size=(64, 64) if cuda else (8, 8), stride=(16, 16) if cuda else (4, 4)))]
+    # copy plus the forward mode that won most kernel cases (every mode if that is unknown or with --all-modes)
+    bests = [r.get("best_mode") for r in rec.data["kernels"] if r.get("permuted") and r.get("best_mode") in MODES]
+    top = max(set(bests), key=bests.count) if bests else None
+    modes = _modes_after_fwd({"best_mode": top}, all_modes) if (cuda or _interpreter()) else ("copy",)
+    out["modes"] = list(modes)
+    for tag, kw in configs:
         with visattn.apply(model, "neighborhood", **kw):
-            measure(tag)
-        out[f"{tag}_speedup_x"] = out["dense_ms"] / out[f"{tag}_ms"]
-    return out
+            for mode in modes:
+                with perm_mode(mode):
+                    measure(f"{tag}_{mode}")
 
 
-def stats_only(cases) -> list:
+# ------------------------------------------------------------------------------------------------ stats
+def stats_only(cases, top: int = 4) -> list:
+    """Exact block counts of the automatic choice and of the best tile candidates, for 128x128 and 128x64."""
     rows = []
     for name, (B, H, shape, D), kernel, stride, target in cases:
         spec = make_spec(shape, kernel, stride=stride)
+        auto = nl.auto_block_size(spec, "cuda", D)
         for bs in ((128, 128), (128, 64)):
-            t0 = time.perf_counter()
-            c = nl.block_counts(spec, bs)
-            rows.append({"case": name, "shape": f"({B}, {H}, {'x'.join(map(str, shape))}, {D})", "kernel": kernel,
-                         "stride": stride, "block_m": bs[0], "block_n": bs[1], "tile": list(c["tile"]),
-                         "full": c["full"], "partial": c["partial"], "empty": c["empty"],
-                         "block_density": c["density"],
-                         "element_density": allowed_pairs(spec) / spec.seq_len ** 2,
-                         "classify_cpu_s": time.perf_counter() - t0})
+            chosen = nl.choose_tiles(spec, bs)
+            cands = sorted(nl.tile_candidates(spec, bs), key=lambda x: x[0])
+            picks = [chosen] + [(t, s) for _, t, s in cands if (t, s) != chosen][:top - 1]
+            for tile, sub in picks:
+                t0 = time.perf_counter()
+                cnt = nl.block_counts(spec, bs, tiles=(tile, sub))
+                steps = (cnt["full"] + 1.6 * cnt["partial"]) * bs[0] * bs[1] / (128 * 64)
+                rows.append({"case": name, "shape": f"({B}, {H}, {'x'.join(map(str, shape))}, {D})",
+                             "kernel": kernel, "stride": stride, "block_m": bs[0], "block_n": bs[1],
+                             "tile": "x".join(map(str, tile)), "sub_tile": "x".join(map(str, sub)),
+                             "full": cnt["full"], "partial": cnt["partial"], "empty": cnt["empty"],
+                             "block_density": cnt["density"], "cost_128x64_steps": steps,
+                             "chosen": (tile, sub) == chosen, "auto": (tile, sub) == chosen and bs == auto,
+                             "element_density": allowed_pairs(spec) / spec.seq_len ** 2,
+                             "classify_cpu_s": time.perf_counter() - t0})
     return rows
 
 
 def _fmt(x) -> str:
+    if isinstance(x, bool):
+        return "yes" if x else ""
     if isinstance(x, float):
         return f"{x:.3g}"
-    if isinstance(x, str) and x.startswith("failed"):
-        return "failed"
+    if isinstance(x, str) and x.startswith(("failed", "skipped")):
+        return x.split(":")[0]
     return "-" if x is None else str(x)
 
 
@@ -268,71 +523,192 @@ def print_table(rows, cols) -> None:
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    sys.stdout.flush()
+
+
+FWD_COLS = ["case", "block_m", "block_n", "tile", "sub_tile", "full", "partial", "dense_cudnn_ms", "dense_flash_ms",
+            "ours_copy_ms", "ours_fused_ms", "ours_fused_q_ms", "ours_kernel_ms", "permute_ms", "speedup_x",
+            "best_mode", "target_x", "useful_tflops", "max_abs_err_vs_fp32"]
+ALT_COLS = ["case", "ours_128x128_copy_ms", "ours_128x128_kernel_ms", "ours_128x64_copy_ms", "ours_128x64_kernel_ms",
+            "ours_64x64_copy_ms", "hl_dense_cudnn_ms", "hl_ours_copy_ms", "hl_ours_fused_ms", "hl_ours_fused_q_ms",
+            "flex_same_layout_ms", "flex_over_ours_x", "flex_same_layout_compile_s", "flex_untiled_ms",
+            "flex_untiled_compile_s",
+            "layout_build_s"]
+BWD_COLS = ["case", "fwd_bwd_dense_cudnn_ms", "fwd_bwd_dense_flash_ms", "fwd_bwd_ours_copy_ms", "fwd_bwd_ours_fused_ms",
+            "fwd_bwd_ours_fused_q_ms", "fwd_bwd_speedup_x", "fwd_bwd_flex_ms", "fwd_bwd_flex_compile_s"]
 
 
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="forward only, few repetitions, no end-to-end")
-    ap.add_argument("--stats-only", action="store_true", help="block counts of the issue's shapes, no timing")
+    ap.add_argument("--quick", action="store_true", help="forward only: dense vs ours (copy mode), no extras")
+    ap.add_argument("--stats-only", action="store_true", help="block counts and tile candidates, no timing")
+    ap.add_argument("--sections", default="", help=f"comma-separated, run in this order: {','.join(SECTIONS)} "
+                                                   "(default: all but flex-bwd; --quick: fwd)")
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
-    ap.add_argument("--no-e2e", action="store_true", help="full mode without the end-to-end step")
+    ap.add_argument("--no-e2e", action="store_true", help="leave out the end-to-end step")
     ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end step")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="skip items that would end after this many seconds from the start (0: no budget)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (median), default 5 (CPU: 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed calls before timing, default 2 (CPU: 1)")
     ap.add_argument("--fresh", action="store_true", help="do not merge into an existing JSON")
+    ap.add_argument("--all-modes", action="store_true",
+                    help="fwdbwd/e2e: every permutation mode (default: copy + the fastest forward mode)")
     ap.add_argument("--out", default=None,
-                    help="JSON path (default benchmarks/bench_neighborhood[_quick|_stats|_cpu].json); rows of the "
-                         "cases run replace stored rows of the same case, so a run can be split with --cases")
+                    help="JSON path (default benchmarks/bench_neighborhood[_quick|_stats|_cpu].json); rewritten after "
+                         "every measurement; rows of cases run now are updated in place")
+    ap.add_argument("--merge", nargs="+", default=None, help="merge these result JSONs into --out and print them")
     args = ap.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out or os.path.join(HERE, "bench_neighborhood.json"))
+        return
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     sel = set(filter(None, args.cases.split(",")))
     pick = lambda cs: [c for c in cs if not sel or c[0] in sel]  # noqa: E731
     meta = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "torch": torch.__version__, "quick": args.quick, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:] if argv is None
+            else list(argv)}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except Exception:
+        pass
     if args.stats_only:
         rows = stats_only(pick(CASES))
-        print_table(rows, ["case", "shape", "kernel", "stride", "block_m", "block_n", "tile", "full", "partial",
-                           "empty", "block_density", "element_density"])
+        print_table(rows, ["case", "block_m", "block_n", "tile", "sub_tile", "full", "partial", "empty",
+                           "block_density", "cost_128x64_steps", "chosen", "auto", "element_density"])
         out = args.out or os.path.join(HERE, "bench_neighborhood_stats.json")
         with open(out, "w") as f:
             json.dump({"meta": meta, "layouts": rows}, f, indent=1)
         print(f"wrote {out}")
         return
+    if args.e2e_only:
+        sections = ["e2e"]
+    elif args.sections:
+        sections = [s for s in args.sections.split(",") if s]
+        bad = [s for s in sections if s not in SECTIONS]
+        if bad:
+            raise SystemExit(f"unknown sections {bad}; known: {SECTIONS}")
+    elif args.quick:
+        sections = ["fwd"]
+    else:
+        sections = [s for s in SECTIONS if s != "flex-bwd" and not (args.no_e2e and s == "e2e")]
+    if args.no_e2e and "e2e" in sections and not args.e2e_only:
+        sections.remove("e2e")
+    sections = [s for s in SECTIONS if s in sections]  # fixed order
     dtype = torch.bfloat16 if cuda else torch.float32
-    reps, warmup = (5, 2) if args.quick else (20, 3)
-    if not cuda:
-        reps, warmup = 2, 1
+    reps = args.reps or (5 if cuda else 2)
+    warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     suffix = "_quick" if args.quick else ""
     out = args.out or os.path.join(HERE, f"bench_neighborhood{suffix}.json" if cuda else "bench_neighborhood_cpu.json")
-    result = {"meta": meta, "kernels": [], "e2e": None}
-    if os.path.exists(out) and not args.fresh:  # merge: rows of cases run now replace the stored ones
-        with open(out) as f:
-            old = json.load(f)
-        result["kernels"], result["e2e"] = old.get("kernels", []), old.get("e2e")
-    order = [c[0] for c in CASES + TINY]
-    if not args.e2e_only:
-        for name, dims, kernel, stride, target in pick(CASES if cuda else TINY):
-            t0 = time.perf_counter()
-            r = run_case(name, dims, kernel, stride, target, reps=reps, warmup=warmup, device=device, dtype=dtype,
-                         full=not args.quick)
-            r["bench_wall_s"] = time.perf_counter() - t0
-            r["meta"] = meta
-            result["kernels"] = [x for x in result["kernels"] if x.get("case") != name] + [r]
-            print(json.dumps(r, default=str), flush=True)
-        result["kernels"].sort(key=lambda x: order.index(x["case"]) if x.get("case") in order else len(order))
-    if args.e2e_only or (not args.quick and not args.no_e2e):
-        result["e2e"] = _try(lambda: run_e2e(device, dtype, reps=5 if cuda else 1))
-        print(json.dumps(result["e2e"], default=str), flush=True)
-    print()
-    print_table(result["kernels"], ["case", "shape", "kernel", "stride", "full", "partial", "empty", "dense_ms",
-                                    "ours_ms", "ours_kernel_ms", "permute_ms", "speedup_x", "target_x",
-                                    "useful_tflops", "ours_128x64_ms", "flex_same_layout_ms", "flex_natten_style_ms",
-                                    "fwd_bwd_speedup_x", "layout_build_s", "max_abs_err_vs_fp32"])
-    if isinstance(result.get("e2e"), dict):
+    meta.update(quick=args.quick, sections=sections, reps=reps, warmup=warmup, budget_s=args.budget_s)
+    rec = Recorder(out, meta, args.fresh, args.budget_s)
+    log(f"sections {sections}, cases {[c[0] for c in pick(CASES if cuda else TINY)]}, reps {reps}, warmup {warmup}, "
+        f"budget {args.budget_s or 'none'} s, out {out}")
+    if any(s.startswith("flex") for s in sections):
+        _raise_compile_limits()
+    cache: Dict[str, Case] = {}
+
+    def case(spec_row) -> Case:
+        name = spec_row[0]
+        if name not in cache:
+            cache.clear()  # one case's tensors at a time (3-D inputs are 0.7 GB each)
+            if cuda:
+                torch.cuda.empty_cache()
+            cache[name] = Case(*spec_row, device=device, dtype=dtype)
+        return cache[name]
+
+    def guarded(section: str, name: str, fn: Callable[[], None]) -> None:
+        r = rec.row(name) if section != "e2e" else None
+        if not rec.fits(EST[section]):
+            if r is not None:
+                rec.put(r, f"skipped_{section}", f"skipped: budget ({rec.elapsed():.0f}s used)")
+            else:
+                log(f"[{rec.elapsed():7.1f}s] e2e skipped: budget")
+            return
+        t0 = time.perf_counter()
+        res = _try(fn)
+        if isinstance(res, str):
+            if r is not None:
+                rec.put(r, f"error_{section}", res)
+            else:
+                rec.data["e2e"] = dict(rec.data.get("e2e") or {}, error=res)
+                log(f"e2e: {res}")
+                rec.save()
+        if r is not None:
+            r[f"wall_{section}_s"] = time.perf_counter() - t0
+            rec.save()
+
+    cases = pick(CASES if cuda else TINY)
+    na_cases = [c for c in cases if not c[0].endswith("gna")]
+    for section in sections:
+        log(f"[{rec.elapsed():7.1f}s] == section {section}")
+        if section == "fwd":
+            for c in cases:
+                guarded("fwd", c[0], lambda c=c: section_fwd(case(c), rec, reps, warmup, args.quick))
+        elif section == "flex":
+            for c in cases:
+                guarded("flex", c[0], lambda c=c: section_flex(case(c), rec, reps))
+        elif section == "flex-untiled":
+            for c in na_cases:
+                if c[0] == "1d-na":
+                    continue  # 1-D tiles are the original order: same as "flex"
+                guarded("flex-untiled", c[0], lambda c=c: section_flex_untiled(case(c), rec, reps))
+        elif section == "64x64":
+            for c in na_cases:
+                guarded("64x64", c[0], lambda c=c: section_64(case(c), rec, reps, warmup))
+        elif section == "fwdbwd":
+            for c in cases:
+                guarded("fwdbwd", c[0], lambda c=c: section_fwdbwd(case(c), rec, max(3, reps - 2),
+                                                                    all_modes=args.all_modes))
+        elif section == "flex-bwd":
+            for c in cases:
+                if not cuda:
+                    continue  # FlexAttention has no backward on CPU
+                guarded("flex-bwd", c[0], lambda c=c: section_fwdbwd(case(c), rec, 3, flex=True))
+        elif section == "e2e":
+            cache.clear()
+            guarded("e2e", "e2e", lambda: run_e2e(device, dtype, reps, rec, all_modes=args.all_modes))
+    log(f"[{rec.elapsed():7.1f}s] done")
+    print_all(rec.data)
+    rec.save()
+    print(f"wrote {out}")
+
+
+def print_all(data: dict) -> None:
+    for cols in (FWD_COLS, ALT_COLS, BWD_COLS):
         print()
-        print_table([result["e2e"]], ["e2e", "kernel", "dense_ms", "na_ms", "gna_ms", "na_speedup_x",
-                                      "gna_speedup_x", "dense_peak_gib", "na_peak_gib", "gna_peak_gib"])
+        print_table(data["kernels"], cols)
+    if isinstance(data.get("e2e"), dict):
+        e = data["e2e"]
+        print()
+        print(e.get("e2e"))
+        keys = [k[:-3] for k in e if k.endswith("_ms")]
+        print_table([{"config": k, "ms": e.get(f"{k}_ms"), "speedup_x": e.get(f"{k}_speedup_x"),
+                      "peak_gib": e.get(f"{k}_peak_gib")} for k in keys], ["config", "ms", "speedup_x", "peak_gib"])
+
+
+def merge(paths, out: str) -> None:
+    """Rows of several result files merged per case (later files win per key); e2e dicts merged likewise."""
+    data = {"meta": [], "kernels": [], "e2e": None}
+    rows: Dict[str, dict] = {}
+    for p in paths:
+        with open(p) as f:
+            d = json.load(f)
+        data["meta"].append(d.get("meta"))
+        for r in d.get("kernels", []):
+            rows.setdefault(r["case"], {}).update(r)
+        if isinstance(d.get("e2e"), dict):
+            data["e2e"] = dict(data["e2e"] or {}, **d["e2e"])
+    order = [c[0] for c in CASES]
+    data["kernels"] = sorted(rows.values(), key=lambda x: order.index(x["case"]) if x["case"] in order else 99)
+    for r in data["kernels"]:  # cross-file ratios
+        if isinstance(r.get("flex_same_layout_ms"), float) and isinstance(r.get("ours_best_ms"), float):
+            r["flex_over_ours_x"] = r["flex_same_layout_ms"] / r["ours_best_ms"]
+    print_all(data)
     with open(out, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+        json.dump(data, f, indent=1, default=str)
     print(f"wrote {out}")
 
 

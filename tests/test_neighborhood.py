@@ -150,7 +150,7 @@ def na_problems(draw):
         stride.append(draw(st.integers(1, k)))
         causal.append(draw(st.booleans()))
     glob = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    block = draw(st.sampled_from([(4, 4), (8, 8), (8, 16), (16, 8), (16, 16)]))
+    block = draw(st.sampled_from([(4, 4), (8, 8), (8, 16), (16, 8), (16, 16), (32, 8), (8, 32)]))
     return tuple(shape), tuple(kernel), tuple(dil), tuple(stride), tuple(causal), glob, block
 
 
@@ -394,3 +394,94 @@ def test_kernel_order_inputs_skip_the_permutation():
     out = neighborhood_attention(q[:, :, p], k[:, :, p], v[:, :, p], kernel_order=True, **kw)
     torch.testing.assert_close(out[:, :, lay.inv_perm_q], ref, atol=1e-12, rtol=0)
     assert not torch.allclose(out, ref)  # really in another order
+
+
+# ---------------------------------------------------------------- tile / sub-tile choice (blocks of two sizes)
+def test_tile_choice_for_issue_cases():
+    """With 128x64 blocks 2-D NA takes 8x16 query tiles whose 64-token key blocks are 8x8 boxes (the
+    row-major 4x16 halves leave 1.7x more partial blocks); the automatic CUDA block size is 128x64 only
+    where that lowers the estimated cost (the PARTIAL-heavy NA cases), 128x128 otherwise."""
+    na2 = make_spec((256, 256), 80)
+    assert nl.choose_tiles(na2, (128, 64)) in (((8, 16), (8, 8)), ((16, 8), (8, 8)))
+    c = nl.block_counts(na2, (128, 64))
+    assert (c["full"], c["partial"], c["sub_tile"]) == (41124, 21120, (8, 8))
+    row_major = nl.block_counts(na2, (128, 64), tiles=((8, 16), (4, 16)))
+    assert (row_major["full"], row_major["partial"]) == (34568, 35200)
+    na3 = make_spec((30, 48, 80), (18, 24, 24))
+    c3 = nl.block_counts(na3, (128, 64))
+    assert (c3["full"], c3["partial"]) == (86844, 136404)
+    cuda = torch.device("cuda")  # the choice itself runs on the CPU
+    assert nl.auto_block_size(na2, cuda, 128) == (128, 64) and nl.auto_block_size(na3, cuda, 128) == (128, 64)
+    for spec in (make_spec((256, 256), 80, stride=16), make_spec((30, 48, 80), (18, 24, 24), stride=(16, 8, 8)),
+                 make_spec((32768,), 2048)):
+        assert nl.auto_block_size(spec, cuda, 128) == (128, 128)
+    assert nl.auto_block_size(na2, cuda, 64) == (128, 128) and nl.auto_block_size(na2, "cpu", 128) == (32, 32)
+    assert nl.auto_block_size(na2, cuda, 256) == (128, 64)
+
+
+def test_sub_tile_order():
+    """Inside a tile tokens run sub-tile by sub-tile: 4x8 tiles with 4x4 sub-tiles on a 32x32 grid."""
+    spec = make_spec((32, 32), 10)
+    assert nl.choose_tiles(spec, (32, 16)) == ((4, 8), (4, 4))
+    perm = nl.token_permutation(spec, (4, 8), None, (4, 4))
+    first = torch.tensor([r * 32 + c for r in range(4) for c in range(4)])
+    second = torch.tensor([r * 32 + c for r in range(4) for c in range(4, 8)])
+    assert torch.equal(perm[:16], first) and torch.equal(perm[16:32], second)
+    assert torch.equal(nl.token_permutation(spec, (4, 8), None, (4, 8)), nl.token_permutation(spec, (4, 8)))
+    with pytest.raises(ValueError, match="divide"):
+        nl.token_permutation(spec, (4, 8), None, (3, 4))
+
+
+NESTED = [
+    # shape, kernel, dilation, stride, causal, globals, block: chosen sub-tiles split the last axis
+    ((32, 32), (10, 10), (1, 1), (1, 1), (False, False), (0, 0), (32, 16)),
+    ((24, 40), (9, 11), (1, 2), (1, 3), (True, False), (1, 2), (32, 16)),
+    ((16, 32), (6, 10), (1, 1), (2, 1), (False, False), (0, 1), (16, 32)),  # query blocks are the sub-tiles
+    ((6, 12, 12), (3, 5, 7), (1, 1, 1), (1, 1, 1), (False, False, False), (0, 0), (64, 32)),
+]
+
+
+@pytest.mark.parametrize("shape,kernel,dil,stride,causal,glob,block", NESTED)
+def test_nested_sub_tiles_equal_fp64_oracle(shape, kernel, dil, stride, causal, glob, block):
+    spec = spec_of(shape, kernel, dil, stride, causal, *glob)
+    tile, sub = nl.choose_tiles(spec, block)
+    assert sub != tile and sub[-1] < tile[-1]  # not the row-major half: exercises the sub-tile order
+    layout = nl.get_layout(spec, block, "cpu")
+    mask = oracle_mask(shape, kernel, dil, stride, causal, *glob)
+    assert torch.equal(layout.to_dense()[0, 0], mask)
+    assert layout.stats()["partial"] > layout.mask_table.shape[0]  # shared masks by signature still exact
+    N = spec.seq_len
+    q, k, v = torch.randn(3, 1, 2, N, 8, dtype=torch.float64).unbind(0)
+    out = neighborhood_attention(q, k, v, spatial_shape=shape, kernel_size=kernel, dilation=dil, stride=stride,
+                                 is_causal=causal, num_global_tokens=glob, backend="sdpa", block_size=block)
+    torch.testing.assert_close(out, masked_attention(q, k, v, mask), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("fuse", [False, True, "q"], ids=["copies", "fused", "fused_q"])
+def test_triton_interpreter_nested_tiles_and_fuse_modes(fuse, monkeypatch):
+    from visattn.kernels import triton_backend as tb
+    shape, kern, glob, block = (12, 20), (7, 7), (1, 2), (32, 16)
+    assert nl.choose_tiles(make_spec(shape, kern, stride=(1, 3), num_global_tokens=glob), block) == ((4, 8), (4, 4))
+    N = math.prod(shape) + sum(glob)
+    x = torch.randn(3, 1, N, 2, 16)  # heads-last memory, as adapters hand it over
+    q, k, v = (t.transpose(1, 2) for t in x.unbind(0))
+    if "triton" not in available_backends(q):
+        pytest.skip("triton backend cannot run here")
+    monkeypatch.setattr(tb, "FUSE_PERMUTATION", fuse)
+    out = neighborhood_attention(q, k, v, spatial_shape=shape, kernel_size=kern, stride=(1, 3),
+                                 num_global_tokens=glob, backend="triton", block_size=block)
+    ref = masked_attention(q.double(), k.double(), v.double(),
+                           oracle_mask(shape, kern, (1, 1), (1, 3), (False, False), *glob)).float()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert out.transpose(1, 2).is_contiguous()  # heads-last in, heads-last out
+
+
+def test_identity_order_has_no_permutation():
+    """1-D without dilation: the tiled order is the original order, so the layout carries no permutation
+    (no gather/scatter copies) and the kernel-order layout is the same object."""
+    spec = make_spec((512,), 64)
+    lay = nl.get_layout(spec, (32, 32), "cpu")
+    assert lay.perm_q is None and lay.perm_k is None
+    assert nl.get_layout(spec, (32, 32), "cpu", kernel_order=True) is lay
+    assert torch.equal(lay.to_dense()[0, 0], oracle_mask((512,), (64,), (1,), (1,), (False,)))
+    assert nl.get_layout(make_spec((512,), 64, dilation=2), (32, 32), "cpu").perm_q is not None

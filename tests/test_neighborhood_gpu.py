@@ -110,3 +110,22 @@ def test_gna_stride_layout_is_fully_block_sparse():
     """Speed is checked by benchmarks/bench_neighborhood.py, never timed here; the layout must have no PARTIAL block."""
     shape, kernel, stride = (128, 128), (32, 32), (16, 16)
     assert math.isclose(nl.block_counts(make_spec(shape, kernel, stride=stride), (128, 128))["partial"], 0)
+
+
+@pytest.mark.parametrize("fuse", [False, True, "q"], ids=["copies", "fused", "fused_q"])
+@pytest.mark.parametrize("heads_last", [False, True], ids=["bhnd", "bnhd"])
+def test_permutation_modes_and_auto_blocks(fuse, heads_last, monkeypatch):
+    """Every permutation mode at a real size with the automatic (128x64, 8x8 key sub-tiles) layout."""
+    from visattn.kernels import triton_backend as tb
+    shape, kernel = (128, 128), (40, 40)
+    spec = make_spec(shape, kernel, num_global_tokens=(0, 77))
+    assert nl.auto_block_size(spec, DEV, 128) == (128, 64)
+    N = spec.seq_len
+    x = torch.randn(3, 1, N, 4, 128, device=DEV, dtype=torch.bfloat16)
+    q, k, v = (t.transpose(1, 2) if heads_last else t.transpose(1, 2).contiguous() for t in x.unbind(0))
+    monkeypatch.setattr(tb, "FUSE_PERMUTATION", fuse)
+    out = neighborhood_attention(q, k, v, spatial_shape=shape, kernel_size=kernel, num_global_tokens=(0, 77),
+                                 backend="triton")
+    assert out.transpose(1, 2).is_contiguous() == heads_last
+    rows = torch.cat([torch.randint(0, N, (254,), device=DEV), torch.arange(N - 2, N, device=DEV)])
+    torch.testing.assert_close(out[:, :, rows].float(), rows_reference(q, k, v, spec, rows), atol=2e-2, rtol=0)

@@ -3,8 +3,9 @@
 Kernel order (``perm[i]`` = original position held by kernel position ``i``):
 
 1. grid tokens lying in a *complete* tile of their dilation group's local grid, ordered by
-   (dilation group, tile, row-major position inside the tile); every tile is ``prod(tile)`` tokens, so
-   query/key blocks coincide with tiles (or halves of tiles) and are compact boxes;
+   (dilation group, tile, sub-tile inside the tile, row-major position inside the sub-tile); a tile is
+   ``max(block_m, block_n)`` tokens and a sub-tile ``min(block_m, block_n)``, so the larger blocks
+   coincide with tiles and the smaller ones with sub-tiles, all compact boxes (:func:`choose_tiles`);
 2. the remaining border tokens of ragged tiles, ordered the same way;
 3. global (prefix/suffix) tokens.
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import replace
-from typing import Dict, Tuple
+from functools import lru_cache
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -26,19 +28,44 @@ from ..kernels.layout import BlockLayout, block_lists
 from ._na_mask import NASpec, axis_windows, make_mask_mod
 from ._na_table import build_mask_table
 
-__all__ = ["choose_tile", "token_permutation", "classify_blocks", "get_layout", "block_counts",
-           "default_block_size"]
+__all__ = ["choose_tile", "choose_tiles", "token_permutation", "classify_blocks", "get_layout", "block_counts",
+           "default_block_size", "auto_block_size", "tile_candidates"]
 
 _BIG = 1 << 40
 _PARTIAL_COST = 1.6  # a partial block costs about this many full blocks (predicate + mask loads)
 
 
 def default_block_size(device: torch.device, head_dim: int) -> Tuple[int, int]:
-    """Query/key block sizes: 128x128 on CUDA for D <= 128 (the Triton kernel's 128x128 step), 128x64 for
-    larger D; 32x32 elsewhere (CPU reference path and tests)."""
+    """Query/key block sizes without looking at the problem: 128x128 on CUDA for D <= 128 (the Triton
+    kernel's 128x128 step), 128x64 for larger D; 32x32 elsewhere (CPU reference path and tests).
+    :func:`auto_block_size` refines the CUDA choice per problem."""
     if torch.device(device).type == "cuda":
         return (128, 128) if head_dim <= 128 else (128, 64)
     return (32, 32)
+
+
+def auto_block_size(spec: NASpec, device, head_dim: int) -> Tuple[int, int]:
+    """The block sizes ``neighborhood_attention`` uses when none are given.
+
+    On CUDA with 64 < D <= 128 the Triton forward runs 128x64 steps either way, so a 128x64 layout costs
+    the same per visited 64-key half block as a 128x128 one but can skip the empty halves and turn
+    partial halves into full ones: the block size with the lower estimated cost (:func:`choose_tiles`,
+    in 128x64 step units) wins, ties keep 128x128. Elsewhere :func:`default_block_size`.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda" or not 64 < head_dim <= 128:
+        return default_block_size(dev, head_dim)
+    return _auto_cuda_blocks(spec)
+
+
+@lru_cache(maxsize=256)
+def _auto_cuda_blocks(spec: NASpec) -> Tuple[int, int]:
+    best, best_cost = None, None
+    for bs in ((128, 128), (128, 64)):
+        cost = _choose(spec, bs)[2] * bs[0] * bs[1]
+        if best_cost is None or cost < best_cost * (1 - 1e-6):
+            best, best_cost = bs, cost
+    return best
 
 
 def _factorizations(n: int, parts: int):
@@ -51,49 +78,82 @@ def _factorizations(n: int, parts: int):
                 yield (f,) + rest
 
 
-def _axis_cost(spec: NASpec, axis: int, t: int) -> Tuple[float, float, float]:
-    """(visited, full, tokens in complete tiles) summed over dilation groups along one axis."""
+def _axis_counts(spec: NASpec, axis: int, tq: int, tk: int, tile: int) -> Tuple[float, float, float]:
+    """Along one axis, summed over dilation groups: (visited, full) key runs of ``tk`` per query run of
+    ``tq`` (window union / intersection of the run's queries), and the tokens in complete ``tile`` runs."""
     L, k, d, s, c = (spec.shape[axis], spec.kernel[axis], spec.dilation[axis], spec.stride[axis],
                      spec.causal[axis])
     _, _, lo_all, hi_all = axis_windows(L, k, d, s, c)
     vis = full = inside = 0.0
     for g, lg in enumerate(spec.group_extents(axis)):
         lo, hi = lo_all[g::d], hi_all[g::d]  # group-local order
-        starts = torch.arange(0, lg, t)
-        ends = (starts + t).clamp_max(lg) - 1
+        starts = torch.arange(0, lg, tq)
+        ends = (starts + tq).clamp_max(lg) - 1
         umin, umax, ilo, ihi = lo[starts], hi[ends], lo[ends], hi[starts]
-        vis += float((umax // t - umin // t + 1).sum())
-        full += float(((ihi + 1) // t - (ilo + t - 1) // t).clamp_min(0).sum())
-        inside += (lg // t) * t
+        vis += float((umax // tk - umin // tk + 1).sum())
+        full += float(((ihi + 1) // tk - (ilo + tk - 1) // tk).clamp_min(0).sum())
+        inside += (lg // tile) * tile
     return vis, full, inside
 
 
-def choose_tile(spec: NASpec, tile_tokens: int) -> Tuple[int, ...]:
-    """Tile shape (product ``tile_tokens``) minimising the estimated cost ``full + 1.6 * partial``.
-
-    The estimate is separable over axes (exact when tiles divide every group extent); tokens left in
-    ragged border tiles are penalised. Grids smaller than one tile use the whole grid as the tile.
-    """
+def tile_candidates(spec: NASpec, block_size: Tuple[int, int]) -> list:
+    """Every ``(estimated cost, tile, sub_tile)`` :func:`choose_tiles` considers for ``block_size``."""
+    bm, bn = block_size
+    big, small = max(bm, bn), min(bm, bn)
+    nested = big % small == 0
+    outer = big if nested else math.lcm(bm, bn)
     maxlg = [max(spec.group_extents(a)) for a in range(spec.ndim)]
-    if math.prod(maxlg) <= tile_tokens:
-        return tuple(maxlg)
-    best, best_cost = None, None
-    cache: Dict[Tuple[int, int], Tuple[float, float, float]] = {}
-    for tile in _factorizations(tile_tokens, spec.ndim):
+    if math.prod(maxlg) <= outer:
+        return [(0.0, tuple(maxlg), tuple(maxlg))]
+    out = []
+    cache: Dict[Tuple[int, int, int, int], Tuple[float, float, float]] = {}
+    for tile in _factorizations(outer, spec.ndim):
         if any(t > m for t, m in zip(tile, maxlg)):
             continue
-        parts = [cache.setdefault((a, t), _axis_cost(spec, a, t)) for a, t in enumerate(tile)]
-        vis = math.prod(p[0] for p in parts)
-        full = math.prod(p[1] for p in parts)
-        leftover = 1.0 - math.prod(p[2] for p in parts) / spec.num_spatial
-        cost = (full + _PARTIAL_COST * (vis - full)) * (1.0 + 0.5 * leftover)
-        # ties: prefer longer runs along the last (contiguous) axis
+        subs = ([s for s in _factorizations(small, spec.ndim) if all(t % x == 0 for t, x in zip(tile, s))]
+                if nested else [tile])
+        for sub in subs:
+            tq, tk = (tile, sub) if bm >= bn else (sub, tile)
+            parts = [cache.setdefault((a, tq[a], tk[a], tile[a]), _axis_counts(spec, a, tq[a], tk[a], tile[a]))
+                     for a in range(spec.ndim)]
+            vis = math.prod(p[0] for p in parts)
+            full = math.prod(p[1] for p in parts)
+            leftover = 1.0 - math.prod(p[2] for p in parts) / spec.num_spatial
+            out.append(((full + _PARTIAL_COST * (vis - full)) * (1.0 + 0.5 * leftover), tile, sub))
+    if not out:  # some axis shorter than any factor: fall back to the whole grid per axis
+        return [(0.0, tuple(maxlg), tuple(maxlg))]
+    return out
+
+
+def _choose(spec: NASpec, block_size: Tuple[int, int]):
+    """``(tile, sub_tile, cost)`` for ``block_size = (bm, bn)``; see :func:`choose_tiles`."""
+    best, best_cost = None, None
+    for cost, tile, sub in tile_candidates(spec, block_size):
+        # ties: prefer longer runs along the last (contiguous) axis, for the tile, then the sub-tile
+        cand = (tile[::-1], sub[::-1])
         if best_cost is None or cost < best_cost * (1 - 1e-9) or (cost <= best_cost * (1 + 1e-9)
-                                                                   and tile[::-1] > best[::-1]):
-            best, best_cost = tile, cost
-    if best is None:  # some axis shorter than any factor: fall back to the whole grid per axis
-        return tuple(maxlg)
-    return best
+                                                                   and cand > best[0]):
+            best, best_cost = (cand, tile, sub), cost
+    return best[1], best[2], best_cost
+
+
+def choose_tiles(spec: NASpec, block_size: Tuple[int, int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """``(tile, sub_tile)`` for ``block_size = (bm, bn)``, minimising the estimated ``full + 1.6 * partial``.
+
+    Tiles hold ``max(bm, bn)`` tokens (``lcm`` if one does not divide the other) and are split into
+    sub-tiles of ``min(bm, bn)`` tokens (both boxes of the grid), so the larger blocks are tiles and the
+    smaller blocks sub-tiles. E.g. 2-D NA 256x256, window 80, 128x64 blocks: query tiles 8x16 whose key
+    halves are 8x8 boxes (2.9x fewer partial blocks than 4x16 halves). The estimate is separable over
+    axes (exact when tiles divide every group extent); tokens left in ragged border tiles are penalised.
+    Grids smaller than one tile use the whole grid as the tile.
+    """
+    tile, sub, _ = _choose(spec, tuple(block_size))
+    return tile, sub
+
+
+def choose_tile(spec: NASpec, tile_tokens: int) -> Tuple[int, ...]:
+    """Tile shape (product ``tile_tokens``) for square blocks of that size (see :func:`choose_tiles`)."""
+    return choose_tiles(spec, (tile_tokens, tile_tokens))[0]
 
 
 def _grid_coords(spec: NASpec, device) -> list:
@@ -105,26 +165,38 @@ def _grid_coords(spec: NASpec, device) -> list:
     return out
 
 
-def token_permutation(spec: NASpec, tile: Tuple[int, ...], device=None) -> torch.Tensor:
-    """Kernel order -> original position (int64, length ``spec.seq_len``); see the module docstring."""
+def token_permutation(spec: NASpec, tile: Tuple[int, ...], device=None,
+                      sub_tile: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+    """Kernel order -> original position (int64, length ``spec.seq_len``); see the module docstring.
+
+    Inside a tile, tokens run sub-tile by sub-tile (sub-tiles row-major within the tile, tokens row-major
+    within the sub-tile); ``sub_tile=None`` (or equal to ``tile``) is plain row-major order in the tile.
+    """
+    sub = tuple(tile) if sub_tile is None else tuple(sub_tile)
+    if any(t % x for t, x in zip(tile, sub)):
+        raise ValueError(f"sub_tile {sub} must divide tile {tuple(tile)} on every axis")
     coords = _grid_coords(spec, device)
     n_groups = math.prod(spec.dilation)
     group = torch.zeros(spec.num_spatial, dtype=torch.int64, device=device)
     tile_lin = torch.zeros_like(group)
-    in_tile = torch.zeros_like(group)
+    sub_lin = torch.zeros_like(group)
+    in_sub = torch.zeros_like(group)
     complete = torch.ones(spec.num_spatial, dtype=torch.bool, device=device)
     n_tiles = 1
     for a, x in enumerate(coords):
-        d, t = spec.dilation[a], tile[a]
+        d, t, u = spec.dilation[a], tile[a], sub[a]
         g, xl = x % d, x // d
         lg = (spec.shape[a] - g + d - 1) // d
         tiles_a = -(-max(spec.group_extents(a)) // t)
         group = group * d + g
         tile_lin = tile_lin * tiles_a + xl // t
-        in_tile = in_tile * t + xl % t
+        xt = xl % t
+        sub_lin = sub_lin * (t // u) + xt // u
+        in_sub = in_sub * u + xt % u
         complete &= (xl // t) < (lg // t)
         n_tiles *= tiles_a
     tsize = math.prod(tile)
+    in_tile = sub_lin * math.prod(sub) + in_sub
     key = ((((~complete).long() * n_groups + group) * n_tiles + tile_lin) * tsize + in_tile)
     order = torch.argsort(key, stable=True) + spec.prefix
     glob = torch.cat([torch.arange(spec.prefix, device=device),
@@ -241,8 +313,8 @@ _CACHE_SIZE = 64
 
 def _build(spec: NASpec, block_size: Tuple[int, int], device: torch.device) -> Tuple[BlockLayout, BlockLayout]:
     bm, bn = block_size
-    tile = choose_tile(spec, math.lcm(bm, bn))
-    perm = token_permutation(spec, tile, device)
+    tile, sub = choose_tiles(spec, block_size)
+    perm = token_permutation(spec, tile, device, sub)
     full, partial, qi, ki, tabs = _classify(spec, perm, block_size)
     N = spec.seq_len
     if N % bn:  # layout contract: a ragged last key block is never FULL
@@ -252,15 +324,22 @@ def _build(spec: NASpec, block_size: Tuple[int, int], device: torch.device) -> T
     p_idx, p_cnt = (t[None, None] for t in block_lists(partial))
     mm = make_mask_mod(spec, device)
     table, mask_ids = build_mask_table(spec, perm, block_size, tile, p_idx, p_cnt, qi, ki, tabs, mm)
-    layout = BlockLayout(N, N, bm, bn, f_cnt, f_idx, p_cnt, p_idx, mask_ids, table, perm, perm, mm)
+    # the tiled order can be the original one (1-D without dilation, grids of one tile): then no permutation
+    # at all, so no gather/scatter copies either
+    identity = bool(torch.equal(perm, torch.arange(N, device=perm.device)))
+    lperm = None if identity else perm
+    layout = BlockLayout(N, N, bm, bn, f_cnt, f_idx, p_cnt, p_idx, mask_ids, table, lperm, lperm, mm)
     _dedup_masks(layout)
-    layout._cache["tile"] = tile
+    info = {"tile": tile, "sub_tile": sub}
+    layout._cache.update(info)
+    if identity:
+        return layout, layout
 
     def mm_kernel_order(b, h, q_idx, kv_idx):
         return mm(b, h, perm[q_idx], perm[kv_idx])
 
     # same lists, no permutation: for callers that already hold tokens in kernel order (nn modules)
-    korder = replace(layout, perm_q=None, perm_k=None, mask_mod=mm_kernel_order, _cache={"tile": tile})
+    korder = replace(layout, perm_q=None, perm_k=None, mask_mod=mm_kernel_order, _cache=dict(info))
     return layout, korder
 
 
@@ -283,14 +362,15 @@ def get_layout(spec: NASpec, block_size: Tuple[int, int], device, *, kernel_orde
     return _CACHE[key][1 if kernel_order else 0]
 
 
-def block_counts(spec: NASpec, block_size: Tuple[int, int], device=None) -> dict:
-    """Full / partial / empty block counts and the tile shape, without building mask tables.
+def block_counts(spec: NASpec, block_size: Tuple[int, int], device=None, tiles=None) -> dict:
+    """Full / partial / empty block counts and the tile shapes, without building mask tables.
 
+    ``tiles``: a ``(tile, sub_tile)`` pair to count instead of the automatic :func:`choose_tiles`.
     Counts follow the layout contract (a ragged last key block is never FULL).
     """
     bm, bn = block_size
-    tile = choose_tile(spec, math.lcm(bm, bn))
-    perm = token_permutation(spec, tile, device)
+    tile, sub = choose_tiles(spec, block_size) if tiles is None else tiles
+    perm = token_permutation(spec, tile, device, sub)
     full, partial = classify_blocks(spec, perm, block_size)
     if spec.seq_len % bn:
         partial[:, -1] |= full[:, -1]
@@ -298,4 +378,4 @@ def block_counts(spec: NASpec, block_size: Tuple[int, int], device=None) -> dict
     total = full.numel()
     f, p = int(full.sum()), int(partial.sum())
     return {"full": f, "partial": p, "empty": total - f - p, "total": total, "density": (f + p) / total,
-            "block_m": bm, "block_n": bn, "tile": tile}
+            "block_m": bm, "block_n": bn, "tile": tuple(tile), "sub_tile": tuple(sub)}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..geometry import TokenGeometry
 from ..kernels.dispatch import block_sparse_attention
 from ..kernels.layout import BlockLayout
-from ._na_layout import block_counts, default_block_size, get_layout
+from ._na_layout import auto_block_size, block_counts, get_layout
 from ._na_mask import NASpec, make_mask_mod
 from .base import AttentionMethod, register_method
 from ..kernels import check_backend_name
@@ -106,15 +106,16 @@ def clipped_spec(grid: Tuple[int, ...], kernel_size, dilation, stride, is_causal
     return NASpec(tuple(grid), k, d, s, c, prefix, suffix)
 
 
-def _blocks(block_size, device, head_dim: int) -> Tuple[int, int]:
-    bs = block_size or default_block_size(device, head_dim)
+def _blocks(block_size, device, head_dim: int, spec: NASpec) -> Tuple[int, int]:
+    bs = block_size or auto_block_size(spec, device, head_dim)
     return (bs, bs) if isinstance(bs, int) else tuple(bs)
 
 
 def _attend(q, k, v, spec: NASpec, scale, backend: str, block_size, kernel_order: bool = False) -> torch.Tensor:
     if spec.is_dense and backend == "auto":  # every key for every query: order-independent dense attention
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    layout = get_layout(spec, _blocks(block_size, q.device, q.shape[-1]), q.device, kernel_order=kernel_order)
+    bs = _blocks(block_size, q.device, q.shape[-1], spec)
+    layout = get_layout(spec, bs, q.device, kernel_order=kernel_order)
     return block_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
 
 
@@ -153,11 +154,12 @@ def neighborhood_layout(spatial_shape: Sequence[int], kernel_size: IntOrTuple, d
                         num_global_tokens: Union[int, Tuple[int, int]] = 0, device="cpu", head_dim: int = 64,
                         block_size: Optional[Union[int, Tuple[int, int]]] = None) -> BlockLayout:
     """The cached :class:`BlockLayout` that ``neighborhood_attention`` uses for these arguments on ``device``
-    (with q's ``head_dim``, or the same ``block_size``): ``.perm_q`` maps kernel position -> original token,
-    ``.inv_perm_q`` the reverse, ``.stats()`` gives full/partial/empty block counts."""
+    (with q's ``head_dim``, or the same ``block_size``): ``.perm_q`` maps kernel position -> original token
+    (None when the tiled order is the original order, e.g. 1-D without dilation), ``.inv_perm_q`` the
+    reverse, ``.stats()`` gives full/partial/empty block counts."""
     spec = make_spec(spatial_shape, kernel_size, dilation, stride, is_causal, num_global_tokens)
     dev = torch.device(device)
-    return get_layout(spec, _blocks(block_size, dev, head_dim), dev)
+    return get_layout(spec, _blocks(block_size, dev, head_dim, spec), dev)
 
 
 @register_method("neighborhood")
@@ -247,7 +249,7 @@ class Neighborhood(AttentionMethod):
         if spec is None:
             return None
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the method would run
-        return dict(_cached_counts(spec, _blocks(self.block_size, dev, 128)))
+        return dict(_cached_counts(spec, _blocks(self.block_size, dev, 128, spec)))
 
 
 @lru_cache(maxsize=128)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.dispatch import block_sparse_attention
-from ..methods._na_layout import default_block_size, get_layout
+from ..methods._na_layout import auto_block_size, get_layout
 from ..methods.neighborhood import BoolOrTuple, IntOrTuple, _per_axis, make_spec
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
@@ -66,12 +66,14 @@ class _NeighborhoodAttentionND(nn.Module):
             qkv = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
             out = F.scaled_dot_product_attention(*qkv.unbind(0), scale=self.scale)
         else:
-            bs = self.block_size or default_block_size(x.device, Dh)
+            bs = self.block_size or auto_block_size(spec, x.device, Dh)
             bs = (bs, bs) if isinstance(bs, int) else tuple(bs)
             permuted = get_layout(spec, bs, x.device)
             layout = get_layout(spec, bs, x.device, kernel_order=True)
             inv = permuted.inv_perm_q
-            qkv = self.qkv(x.index_select(1, permuted.perm_q)).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+            if permuted.perm_q is not None:  # None: the tiled order is the original one
+                x = x.index_select(1, permuted.perm_q)
+            qkv = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
             out = block_sparse_attention(*qkv.unbind(0), layout, scale=self.scale, backend=self.backend)
         out = out.transpose(1, 2)  # (B, N, H, Dh), kernel order
         out = out.reshape(B, N, C) if inv is None else out.index_select(1, inv).reshape(B, N, C)
