@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..kernels.layout import BlockLayout, block_lists
+from ..kernels.layout import BlockLayout
 
 logger = logging.getLogger("visattn")
 
@@ -134,32 +134,81 @@ def _valid_counts_cpu(h: int, w: int, s: int) -> torch.Tensor:
     return valid.sum(dim=(1, 3)).reshape(-1)
 
 
+_VALID_DEV_CACHE: dict = {}
+
+
 def region_valid_counts(grid: RegionGrid, device) -> torch.Tensor:
-    """Number of real (non-padding) cells in each region, (S*S,) int64."""
-    return _valid_counts_cpu(grid.height, grid.width, grid.num_regions).to(device)
+    """Number of real (non-padding) cells in each region, (S*S,) int64 (cached per device: no per-call copy)."""
+    key = (grid.height, grid.width, grid.num_regions, str(torch.device(device)))
+    t = _VALID_DEV_CACHE.get(key)
+    if t is None:
+        t = _VALID_DEV_CACHE[key] = _valid_counts_cpu(grid.height, grid.width, grid.num_regions).to(device)
+        if len(_VALID_DEV_CACHE) > 64:
+            _VALID_DEV_CACHE.pop(next(iter(_VALID_DEV_CACHE)))
+    return t
+
+
+def region_sums(x: torch.Tensor, grid: RegionGrid, spatial_start: int, *, dtype: torch.dtype) -> torch.Tensor:
+    """Per-region sums of the grid tokens of ``x (B, H, N, D)`` over all heads' channels: ``(B, S*S, H*D)``.
+
+    Reduced straight into the region-major layout (no transpose copy); padding cells count as zeros.
+    """
+    B, Hh, _, D = x.shape
+    g, S = grid, grid.num_regions
+    xs = x[:, :, spatial_start:spatial_start + g.height * g.width].reshape(B, Hh, g.height, g.width, D)
+    hp, wp = g.padded_hw
+    if (hp, wp) != (g.height, g.width):
+        xs = torch.nn.functional.pad(xs, (0, 0, 0, wp - g.width, 0, hp - g.height))
+    sums = xs.reshape(B, Hh, S, g.rh, S, g.rw, D).permute(0, 2, 4, 1, 3, 5, 6).sum(dim=(4, 5), dtype=dtype)
+    return sums.reshape(B, S * S, Hh * D)  # (B, S, S, H, D) is contiguous: a view
+
+
+_ZERO_CACHE: dict = {}
+
+
+def _zero(device, dtype) -> torch.Tensor:
+    key = (str(device), dtype)
+    z = _ZERO_CACHE.get(key)
+    if z is None:
+        z = _ZERO_CACHE[key] = torch.zeros((), device=device, dtype=dtype)
+    return z
+
+
+def region_affinity(q: torch.Tensor, k: torch.Tensor, grid: RegionGrid, scale: float, *, spatial_start: int = 0,
+                    mask_padding: bool = False) -> torch.Tensor:
+    """Region affinity ``(q_r * scale) @ k_r^T`` ``(B, S*S, S*S)`` of the region means over all heads' channels
+    (heads concatenated, as in the released ``q.mean([2, 3])`` on ``qk_dim`` channels), no gradient.
+
+    In fp32 (fp64 for fp64 inputs). Computed as ``(sum_q @ sum_k^T) * scale / r**2`` in one batched matmul
+    (the same value up to rounding); with ``mask_padding`` the means divide by each region's real cells.
+    Padded cells count as zeros in the sums. Both routing implementations call this, so they see the same
+    values. GQA: each query head sees its key head's descriptor.
+    """
+    with torch.no_grad():
+        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qs = region_sums(q, grid, spatial_start, dtype=cd)
+        ks = region_sums(k, grid, spatial_start, dtype=cd)
+        if k.shape[1] != q.shape[1]:
+            B, R, _ = ks.shape
+            hk, g = k.shape[1], q.shape[1] // k.shape[1]
+            ks = ks.view(B, R, hk, 1, -1).expand(B, R, hk, g, ks.shape[-1] // hk).reshape(B, R, -1)
+        alpha = scale / grid.region_size ** 2
+        if mask_padding and grid.num_pad:
+            cnt = region_valid_counts(grid, q.device).to(cd).view(1, -1, 1)
+            qs, ks, alpha = qs / cnt, ks / cnt, scale
+        return torch.baddbmm(_zero(q.device, cd), qs, ks.transpose(-1, -2), beta=0, alpha=alpha)
 
 
 def compute_routing(q: torch.Tensor, k: torch.Tensor, grid: RegionGrid, topk: int, *, scale: float,
                     spatial_start: int = 0, mask_padding: bool = False) -> torch.Tensor:
     """Top-k key regions per query region, shared by all heads: ``(B, S*S, topk)`` int64, best first.
 
-    Region descriptors are the per-region means of q and k over all heads' channels (heads concatenated,
-    as in the released ``q.mean([2, 3])`` on ``qk_dim`` channels); affinity ``(q_r * scale) @ k_r^T``.
-    Ties are broken towards the lower region index (stable descending sort), so the result is
-    deterministic. Computed without gradient, in float64 for float64 inputs and float32 otherwise.
+    Affinity from :func:`region_affinity`. Ties are broken towards the lower region index (stable descending
+    sort), so the result is deterministic. No gradient, no host synchronisation. The result is a view
+    (``[..., :topk]`` of the sorted indices); call ``.contiguous()`` where a compact tensor is needed.
     """
-    with torch.no_grad():
-        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qr = region_means(q, grid, spatial_start, mask_padding=mask_padding, dtype=cd)
-        kr = region_means(k, grid, spatial_start, mask_padding=mask_padding, dtype=cd)
-        if kr.shape[1] != qr.shape[1]:  # GQA: each query head sees its key head's descriptor
-            kr = kr.repeat_interleave(qr.shape[1] // kr.shape[1], dim=1)
-        B, Hh, R, D = qr.shape
-        qr = qr.permute(0, 2, 1, 3).reshape(B, R, Hh * D)
-        kr = kr.permute(0, 2, 1, 3).reshape(B, R, Hh * D)
-        aff = torch.matmul(qr * scale, kr.transpose(-1, -2))  # (B, R, R)
-        order = torch.sort(aff, dim=-1, descending=True, stable=True).indices
-        return order[..., :topk].contiguous()
+    aff = region_affinity(q, k, grid, scale, spatial_start=spatial_start, mask_padding=mask_padding)
+    return torch.sort(aff, dim=-1, descending=True, stable=True).indices[..., :topk]
 
 
 def check_routing(routing: torch.Tensor, batch: int, grid: RegionGrid) -> torch.Tensor:
@@ -168,8 +217,10 @@ def check_routing(routing: torch.Tensor, batch: int, grid: RegionGrid) -> torch.
     if routing.dim() != 3 or routing.shape[0] not in (1, batch) or routing.shape[1] != R:
         raise ValueError(f"routing must have shape (B|1, num_regions^2={R}, topk), got {tuple(routing.shape)}")
     routing = routing.long()
-    if routing.numel() and (int(routing.min()) < 0 or int(routing.max()) >= R):
-        raise ValueError(f"routing indices must lie in [0, {R})")
+    if routing.numel():
+        lo, hi = torch.stack([routing.min(), routing.max()]).tolist()  # one host sync (user-given indices)
+        if lo < 0 or hi >= R:
+            raise ValueError(f"routing indices must lie in [0, {R})")
     return routing.expand(batch, -1, -1)
 
 
@@ -186,6 +237,7 @@ class TokenOrder:
     num_work: int               # N + P
     num_grid: int               # padded grid tokens (S*S regions of rh*rw)
     inv: torch.Tensor           # (Nw,) int64: argsort(perm), the output un-permutation
+    key: tuple = ()             # (height, width, num_regions, spatial_start, seq_len)
 
 
 @lru_cache(maxsize=64)
@@ -210,7 +262,8 @@ def _token_order_cpu(h: int, w: int, s: int, spatial_start: int, seq_len: int) -
     group_w[perm] = group_k
     pad_w = torch.zeros(n + p, dtype=torch.bool)
     pad_w[n:] = True
-    return TokenOrder(perm, group_k, group_w, pad_w, n, n + p, hp * wp, torch.argsort(perm))
+    return TokenOrder(perm, group_k, group_w, pad_w, n, n + p, hp * wp, torch.argsort(perm),
+                      (h, w, s, spatial_start, seq_len))
 
 
 _ORDER_DEV_CACHE: dict = {}
@@ -222,7 +275,7 @@ def token_order(grid: RegionGrid, spatial_start: int, seq_len: int, device) -> T
     if key not in _ORDER_DEV_CACHE:
         o = _token_order_cpu(grid.height, grid.width, grid.num_regions, spatial_start, seq_len)
         _ORDER_DEV_CACHE[key] = TokenOrder(*(t.to(device) for t in (o.perm, o.group_k, o.group_w, o.pad_w)),
-                                           o.num_tokens, o.num_work, o.num_grid, o.inv.to(device))
+                                           o.num_tokens, o.num_work, o.num_grid, o.inv.to(device), o.key)
         if len(_ORDER_DEV_CACHE) > 64:
             _ORDER_DEV_CACHE.pop(next(iter(_ORDER_DEV_CACHE)))
     return _ORDER_DEV_CACHE[key]
@@ -239,16 +292,32 @@ def group_allow(routing: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- strategy
+#: small-problem fallback (CUDA): masked dense SDPA when ``batch * heads * Nw**2`` (dense score count) is at most
+#: this. Below it the gather-free path's fixed per-call cost (routing, layout, permutation copies, Triton launch)
+#: exceeds the whole dense attention; see docs/methods/routing.md for the measurement.
+DENSE_SCORES_THRESHOLD = 1 << 28
+#: ... and only while the dense path's (B, 1, Nw, Nw) additive mask has at most this many elements (memory cap)
+DENSE_MASK_MAX_ELEMS = 1 << 26
+
+
 def choose_strategy(grid: RegionGrid, num_work: int, strategy: str = "auto",
-                    block_size: Optional[int] = None) -> Tuple[str, int]:
+                    block_size: Optional[int] = None, *, batch_heads: Optional[int] = None,
+                    dense_threshold: Optional[int] = None, batch: int = 1) -> Tuple[str, int]:
     """Pick ``("aligned" | "packed" | "dense", block)`` for this grid.
 
     * aligned: the region size is a multiple of MIN_TILE; block = the largest power of two <= MAX_TILE that
       divides it, so every routed (query region, key region) pair is a set of FULL blocks.
     * packed: smaller or odd regions share blocks (several regions per program); blocks that mix routed
       and unrouted regions are PARTIAL with an element mask.
-    * dense: masked dense SDPA with the equivalent boolean mask (regions below MIN_TILE, <= DENSE_MAX_TOKENS).
+    * dense: masked dense SDPA with the equivalent boolean mask (regions below MIN_TILE, <= DENSE_MAX_TOKENS;
+      or, with ``batch_heads`` and ``dense_threshold`` given, ``batch_heads * num_work**2 <= dense_threshold``
+      and ``batch * num_work**2 <= DENSE_MASK_MAX_ELEMS``: the small-problem fallback).
     """
+    return _choose(grid, num_work, strategy, block_size, batch_heads, dense_threshold, batch)[:2]
+
+
+def _choose(grid: RegionGrid, num_work: int, strategy: str, block_size: Optional[int],
+            batch_heads: Optional[int], dense_threshold: Optional[int], batch: int = 1) -> Tuple[str, int, str]:
     r = grid.region_size
     if strategy not in ("auto", "aligned", "packed", "dense"):
         raise ValueError(f"strategy must be 'auto', 'aligned', 'packed' or 'dense', got {strategy!r}")
@@ -259,11 +328,15 @@ def choose_strategy(grid: RegionGrid, num_work: int, strategy: str = "auto",
             aligned_block = b
             break
         b //= 2
+    reason = ""
     if strategy == "auto":
-        if aligned_block:
+        if (batch_heads and dense_threshold and batch_heads * num_work * num_work <= dense_threshold
+                and batch * num_work * num_work <= DENSE_MASK_MAX_ELEMS):
+            strategy, reason = "dense", "small"
+        elif aligned_block:
             strategy = "aligned"
         elif r < MIN_TILE and num_work <= DENSE_MAX_TOKENS:
-            strategy = "dense"
+            strategy, reason = "dense", "tiny regions"
         else:
             strategy = "packed"
     if strategy == "aligned":
@@ -272,24 +345,31 @@ def choose_strategy(grid: RegionGrid, num_work: int, strategy: str = "auto",
                 raise ValueError(f"strategy='aligned' needs a region size that is a multiple of {MIN_TILE}; "
                                  f"regions here hold {grid.rh}x{grid.rw}={r} tokens")
             block_size = aligned_block
-        return "aligned", block_size
+        return "aligned", block_size, reason
     if strategy == "packed":
         if block_size is None:
             block_size = max(MIN_TILE, min(MAX_TILE, 1 << max(0, (r - 1).bit_length())))
-        return "packed", block_size
-    return "dense", 0
+        return "packed", block_size, reason
+    return "dense", 0, reason
 
 
 _LOGGED: set = set()
 
 
-def log_strategy(grid: RegionGrid, strategy: str, block: int, num_work: int) -> None:
+def log_strategy(grid: RegionGrid, strategy: str, block: int, num_work: int, reason: str = "",
+                 scores: Optional[int] = None, threshold: Optional[int] = None) -> None:
     """Log the path choice: INFO the first time per (grid, regions, choice), DEBUG afterwards."""
-    key = (grid.height, grid.width, grid.num_regions, strategy, block)
+    key = (grid.height, grid.width, grid.num_regions, strategy, block, reason)
+    seen = key in _LOGGED
+    if seen and not logger.isEnabledFor(logging.DEBUG):
+        return
     msg = (f"bilevel routing: grid {grid.height}x{grid.width}, {grid.num_regions}x{grid.num_regions} regions of "
            f"{grid.rh}x{grid.rw}={grid.region_size} tokens, {num_work} tokens -> {strategy}"
            + (f" (block {block})" if block else " (masked dense SDPA)"))
-    if key in _LOGGED:
+    if reason == "small":
+        msg += (f": small problem, batch*heads*tokens^2 = {scores} <= dense_threshold {threshold} "
+                f"(pass dense_threshold=0 or a strategy to override)")
+    if seen:
         logger.debug(msg)
     else:
         _LOGGED.add(key)
@@ -298,80 +378,51 @@ def log_strategy(grid: RegionGrid, strategy: str, block: int, num_work: int) -> 
 
 # ---------------------------------------------------------------------------------------------- layout
 def build_layout(routing: torch.Tensor, order: TokenOrder, num_groups: int, block: int, *,
-                 mask_padding: bool) -> BlockLayout:
+                 mask_padding: bool, with_perm: bool = True) -> BlockLayout:
     """Region-major BlockLayout (batch dim B, head dim 1) for routing ``(B, R, topk)``.
 
-    Blocks are classified from per-block group counts: kept(qb, kb) = sum_a,c cq[qb,a] allow[a,c] ck[kb,c];
-    FULL when every element is kept, EMPTY when none is, PARTIAL otherwise (element mask from ``mask_mod``).
-    When the block divides the region size, no extra tokens exist and no padding is masked, the lists are
-    built directly (no host synchronisation): query block i of region a visits the blocks of a's routed regions.
+    Aligned blocks (the block divides the region size): built directly from the routing with no host
+    synchronisation (``_routing_layout.direct_layout``). Packed blocks: classified FULL / PARTIAL / EMPTY from
+    per-block group counts, lists built with one host sync (``_routing_layout.packed_layout``).
+    ``with_perm``: attach ``perm_q = perm_k = order.perm`` and an original-position ``mask_mod`` (the layout then
+    takes q/k/v in original order through the dispatcher); without it the layout is in kernel order.
     """
-    dev = routing.device
-    B = routing.shape[0]
-    r = order.num_grid // num_groups
-    if (order.num_grid == order.num_work and r % block == 0
-            and not (mask_padding and order.num_work > order.num_tokens)):
-        return _aligned_layout(routing, order, r // block, block)
-    G = num_groups + 1
-    nw = order.num_work
-    nb = math.ceil(nw / block)
-    allow = group_allow(routing, num_groups)
-    pos = torch.arange(nw, device=dev)
-    blk = pos // block
-    cq = torch.zeros(nb, G, device=dev, dtype=torch.float32)
-    cq.index_put_((blk, order.group_k), torch.ones(nw, device=dev), accumulate=True)
-    kvalid = torch.ones(nw, dtype=torch.bool, device=dev)
-    if mask_padding:
-        kvalid = ~order.pad_w[order.perm]
-    ck = torch.zeros(nb, G, device=dev, dtype=torch.float32)
-    ck.index_put_((blk, order.group_k), kvalid.float(), accumulate=True)
-    kept = torch.matmul(torch.matmul(cq, allow.float()), ck.t())  # (B, nb, nb); exact integers in fp32
-    rows = cq.sum(-1)  # query positions per block (the last block may be short)
-    total = rows.view(nb, 1) * block
-    full = kept == total
-    full &= (torch.arange(nb, device=dev) * block + block <= nw).view(1, 1, nb)  # ragged last key block
-    partial = (kept > 0) & ~full
-    full, partial = full.unsqueeze(1), partial.unsqueeze(1)  # (B, 1, nb, nb)
-    f_idx, f_cnt = block_lists(full)
-    p_idx, p_cnt = block_lists(partial)
-    mask_mod = None
-    has_partial = bool(p_cnt.any())
-    if has_partial:
-        group_w, pad_w = order.group_w, order.pad_w
-
-        def mask_mod(b, h, qi, ki):  # original (working) positions
-            keep = allow[b, group_w[qi], group_w[ki]]
-            return keep & ~pad_w[ki] if mask_padding else keep
-    layout = BlockLayout.from_indices(f_idx, f_cnt, block_size=block, seq_lens=nw,
-                                      partial_indices=p_idx if has_partial else None,
-                                      partial_counts=p_cnt if has_partial else None, mask_mod=mask_mod,
-                                      perm_q=order.perm, perm_k=order.perm)
-    layout._cache["inv_q"] = order.inv
-    return layout
-
-
-def _aligned_layout(routing: torch.Tensor, order: TokenOrder, bpr: int, block: int) -> BlockLayout:
-    """All-FULL layout: region a (blocks a*bpr .. a*bpr+bpr-1) visits the blocks of its routed regions."""
-    dev = routing.device
-    B, R, topk = routing.shape
-    ar = torch.arange(bpr, device=dev)
-    kb = (routing.sort(-1).values.unsqueeze(-1) * bpr + ar).reshape(B, R, topk * bpr)  # sorted ascending
-    f_idx = kb.repeat_interleave(bpr, dim=1).unsqueeze(1).to(torch.int32).contiguous()  # (B, 1, R*bpr, topk*bpr)
-    f_cnt = torch.full((B, 1, R * bpr), topk * bpr, dtype=torch.int32, device=dev)
-    zeros = torch.zeros(B, 1, R * bpr, 1, dtype=torch.int32, device=dev)
-    table = torch.zeros(1, block, (block + 31) // 32, dtype=torch.int32, device=dev)
-    nw = order.num_work
-    layout = BlockLayout(nw, nw, block, block, f_cnt, f_idx, torch.zeros(B, 1, R * bpr, dtype=torch.int32, device=dev),
-                         zeros, zeros.clone(), table, order.perm, order.perm, None)
-    layout._cache["inv_q"] = order.inv  # the dispatcher's un-permutation, precomputed once per grid
-    return layout
+    from . import _routing_layout as rl
+    h, w, s, start, n = order.key
+    plan = rl.get_plan(RegionGrid(h, w, s), start, n, block, mask_padding=mask_padding, device=routing.device)
+    layout = rl.direct_layout(plan, routing) if plan.aligned else rl.packed_layout(plan, routing)
+    return rl.with_permutation(layout, plan, routing) if with_perm else layout
 
 
 def dense_mask(routing: torch.Tensor, order: TokenOrder, num_groups: int, *, mask_padding: bool) -> torch.Tensor:
-    """Element mask (B, 1, Nw, Nw) in working order (the dense fallback and tests)."""
+    """Element mask (B, 1, Nw, Nw) in working order (tests and references)."""
     allow = group_allow(routing, num_groups)
     g = order.group_w
     m = allow[:, g][:, :, g]
     if mask_padding:
         m = m & ~order.pad_w.view(1, 1, -1)
+    return m.unsqueeze(1)
+
+
+def dense_bias(routing: torch.Tensor, order: TokenOrder, grid: RegionGrid, *, mask_padding: bool,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, Nw, Nw) in ``dtype`` (0 kept, -inf masked) in working order: the dense path's
+    ``attn_mask``, equal to :func:`dense_mask`. Built at region level and expanded (a divisible grid with no
+    extra tokens: one broadcast copy; otherwise two gathers), with no boolean-to-float conversion inside SDPA."""
+    B = routing.shape[0]
+    R, S, rh, rw = grid.num_region_total, grid.num_regions, grid.rh, grid.rw
+    nw = order.num_work
+    if order.num_grid == nw and grid.num_pad == 0:
+        bias = torch.full((B, R, R), float("-inf"), dtype=dtype, device=routing.device)
+        bias.scatter_(-1, routing, 0.0)
+        return (bias.view(B, S, 1, S, 1, S, 1, S, 1).expand(B, S, rh, S, rw, S, rh, S, rw)
+                .reshape(B, 1, nw, nw))
+    bias = torch.full((B, R + 1, R + 1), float("-inf"), dtype=dtype, device=routing.device)
+    bias[:, :R].scatter_(-1, routing, 0.0)
+    bias[:, :, R] = 0.0   # every query sees the extra tokens
+    bias[:, R, :] = 0.0   # extra tokens are global queries
+    g = order.group_w
+    m = bias[:, g][:, :, g]
+    if mask_padding and grid.num_pad:
+        m.masked_fill_(order.pad_w.view(1, 1, -1), float("-inf"))
     return m.unsqueeze(1)

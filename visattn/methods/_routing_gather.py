@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 
 from ..kernels.reference import expand_kv_heads
-from ._routing_core import check_routing, check_topk, make_region_grid, region_means
+from ._routing_core import check_routing, check_topk, make_region_grid, region_affinity
 
 __all__ = ["bilevel_routing_attention_gather"]
 
@@ -40,13 +40,10 @@ def bilevel_routing_attention_gather(q: torch.Tensor, k: torch.Tensor, v: torch.
     R, r = S * S, rh * rw
 
     if routing is None:  # released router: (q_r * scale) @ k_r^T, torch.topk, no gradient
-        # descriptors in fp32 (fp64 for fp64 inputs) like the gather-free path, so half-precision runs of the
-        # two paths route identically; for fp32 inputs this is exactly the released computation
-        rd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        # the affinity of the gather-free path (region_affinity: fp32 sums, fp64 for fp64 inputs), so both
+        # paths route identically; it equals the released (q_r * scale) @ k_r^T up to rounding
         with torch.no_grad():
-            qr = region_means(q, grid, 0, mask_padding=False, dtype=rd).permute(0, 2, 1, 3).reshape(B, R, -1)
-            kr = region_means(k, grid, 0, mask_padding=False, dtype=rd).permute(0, 2, 1, 3).reshape(B, R, -1)
-            routing = torch.topk((qr * scale) @ kr.transpose(-1, -2), k=topk, dim=-1).indices
+            routing = torch.topk(region_affinity(q, k, grid, scale), k=topk, dim=-1).indices
     else:
         routing = check_routing(routing, B, grid)
         topk = routing.shape[-1]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..kernels import block_sparse_attention  # noqa: F401  (kept importable for monkeypatching in tests)
 from ..geometry import TokenGeometry
 from . import _routing_core as core
+from . import _routing_layout as rl
 from ._routing_gather import bilevel_routing_attention_gather
 from .base import AttentionMethod, register_method
 from ..kernels import check_backend_name
@@ -38,41 +39,79 @@ def _resolve_scale(scale: ScaleArg, heads: int, head_dim: int) -> float:
     return float(scale)
 
 
+_DECISIONS: dict = {}
+
+
+def _decide(grid: core.RegionGrid, spatial_start: int, q: torch.Tensor, strategy: str, block_size: Optional[int],
+            dense_threshold: Optional[int], mask_padding: bool):
+    """Path, block, token order and plan for one call geometry (cached: the per-call Python work is a dict hit)."""
+    B, H, N, _ = q.shape
+    key = (grid, spatial_start, B, H, N, q.device, strategy, block_size, dense_threshold, mask_padding,
+           core.DENSE_SCORES_THRESHOLD, core.DENSE_MASK_MAX_ELEMS, core.DENSE_MAX_TOKENS)
+    d = _DECISIONS.get(key)
+    if d is None:
+        order = core.token_order(grid, spatial_start, N, q.device)
+        thr = dense_threshold
+        if thr is None:
+            thr = core.DENSE_SCORES_THRESHOLD if q.device.type == "cuda" else 0
+        path, block, reason = core._choose(grid, order.num_work, strategy, block_size, B * H, thr, B)
+        plan = None if path == "dense" else rl.get_plan(grid, spatial_start, N, block, mask_padding=mask_padding,
+                                                        device=q.device)
+        d = _DECISIONS[key] = (order, path, block, reason, plan, thr)
+        if len(_DECISIONS) > 256:
+            _DECISIONS.pop(next(iter(_DECISIONS)))
+    return d
+
+
 def _routed_attention(q, k, v, grid: core.RegionGrid, topk: int, *, scale: float, spatial_start: int,
                       mask_padding: bool, backend: str, strategy: str, block_size: Optional[int],
-                      routing: Optional[torch.Tensor]):
-    """Shared core: q/k/v (B, H, N, D) with the grid at ``spatial_start``; returns (out, routing)."""
-    B, _, N, _ = q.shape
-    if routing is None:
-        routing = core.compute_routing(q, k, grid, topk, scale=scale, spatial_start=spatial_start,
-                                       mask_padding=mask_padding)
-    else:
-        routing = core.check_routing(routing.to(q.device), B, grid)
-    order = core.token_order(grid, spatial_start, N, q.device)
-    R = grid.num_region_total
-    path, block = core.choose_strategy(grid, order.num_work, strategy, block_size)
-    core.log_strategy(grid, path, block, order.num_work)
-    if order.num_work > N:  # legacy auto_pad: zero tokens fill the grid to a multiple of the regions
-        def pad(x):
-            return torch.cat([x, x.new_zeros(*x.shape[:2], order.num_work - N, x.shape[3])], dim=2)
-        q, k, v = pad(q), pad(k), pad(v)
+                      routing: Optional[torch.Tensor], dense_threshold: Optional[int] = None):
+    """Shared core: q/k/v (B, H, N, D) with the grid at ``spatial_start``; returns (out, routing).
+
+    No host synchronisation on the aligned path (routing, layout, permutation and the Triton launch); the
+    packed path has one (its list widths), a user-given ``routing`` one (its range check).
+    """
+    B, H, N, _ = q.shape
+    order, path, block, reason, plan, thr = _decide(grid, spatial_start, q, strategy, block_size, dense_threshold,
+                                                    mask_padding)
+    nw = order.num_work
+    core.log_strategy(grid, path, block, nw, reason, B * H * nw * nw, thr)
+
+    def get_routing():
+        if routing is None:
+            return core.compute_routing(q, k, grid, topk, scale=scale, spatial_start=spatial_start,
+                                        mask_padding=mask_padding)
+        return core.check_routing(routing.to(q.device), B, grid)
+
     if path == "dense":
-        mask = core.dense_mask(routing, order, R, mask_padding=mask_padding)
+        idx = get_routing()
+        if nw > N:  # legacy auto_pad: zero tokens fill the grid to a multiple of the regions
+            q, k, v = (F.pad(t, (0, 0, 0, nw - N)) for t in (q, k, v))
+        mask = core.dense_bias(idx, order, grid, mask_padding=mask_padding, dtype=q.dtype)
         kk, vv = k, v
         if k.shape[1] != q.shape[1]:
             kk, vv = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
         out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)
+        return out[:, :, :N], idx
+    # the region-major copies first: they do not depend on the routing, so the GPU runs them while the host
+    # issues the routing and layout kernels
+    qp, kp, vp = plan.permute_in(q), plan.permute_in(k), plan.permute_in(v)
+    idx = get_routing()
+    if plan.aligned:
+        layout = rl.direct_layout(plan, idx)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            rl.attach_backward_lists(layout, plan, idx)
     else:
-        layout = core.build_layout(routing, order, R, block, mask_padding=mask_padding)
-        out = block_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
-    return out[:, :, :N], routing
+        layout = rl.packed_layout(plan, idx)
+    out = block_sparse_attention(qp, kp, vp, layout, scale=scale, backend=backend)
+    return plan.permute_out(out), idx
 
 
 def bilevel_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, spatial_shape,
                               num_regions: int, topk: int, scale: ScaleArg = None, backend: str = "auto",
                               return_routing: bool = False, mask_padding: bool = False,
                               routing: Optional[torch.Tensor] = None, strategy: str = "auto",
-                              block_size: Optional[int] = None):
+                              block_size: Optional[int] = None, dense_threshold: Optional[int] = None):
     """Bi-level routing attention on q/k/v (B, H, N, D), N = H_img * W_img tokens in row-major order.
 
     Semantics follow the released legacy BiFormer core: the grid is zero-padded right/bottom to a
@@ -84,6 +123,9 @@ def bilevel_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     SDPA; ``"legacy"`` -> (heads*head_dim)**-0.5 as in the released code; or a float.
     k/v may have fewer heads (GQA). ``routing``: optional precomputed (B|1, S*S, topk) indices.
     ``strategy``: "auto" | "aligned" | "packed" | "dense" (see ``docs/methods/routing.md``).
+    ``dense_threshold``: small-problem fallback of ``strategy="auto"``: masked dense SDPA (exact, same result)
+    when ``B * H * Nw**2 <= dense_threshold``; None = ``_routing_core.DENSE_SCORES_THRESHOLD`` on CUDA and 0
+    (off) elsewhere; 0 disables it.
     Returns ``out`` (B, H, N, D), or ``(out, routing (B, S*S, topk) int64)`` when ``return_routing``.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -97,8 +139,9 @@ def bilevel_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         core.check_topk(topk, grid)
     out, idx = _routed_attention(q, k, v, grid, topk, scale=_resolve_scale(scale, q.shape[1], q.shape[3]),
                                  spatial_start=0, mask_padding=mask_padding, backend=backend,
-                                 strategy=strategy, block_size=block_size, routing=routing)
-    return (out, idx) if return_routing else out
+                                 strategy=strategy, block_size=block_size, routing=routing,
+                                 dense_threshold=dense_threshold)
+    return (out, idx.contiguous()) if return_routing else out
 
 
 @register_method("routing")
@@ -109,7 +152,8 @@ class BiLevelRouting(AttentionMethod):
     Options: ``num_regions`` regions per side, ``topk`` routed regions per query region,
     ``mask_padding`` (default True: padding cells of a grid that does not divide are masked, so
     ``topk = num_regions**2`` equals dense attention exactly), ``legacy_scale`` (use (heads*head_dim)**-0.5
-    instead of the model's scale), ``backend`` and ``strategy`` as in :func:`bilevel_routing_attention`.
+    instead of the model's scale), ``backend``, ``strategy`` and ``dense_threshold`` (small-problem fallback)
+    as in :func:`bilevel_routing_attention`.
     Extra tokens (CLS, registers, text in joint attention) are global: they attend to and are attended by
     every token. Grids too small for ``num_regions`` regions, and 1-D/3-D grids, fall back to dense
     attention (logged once per grid).
@@ -121,6 +165,7 @@ class BiLevelRouting(AttentionMethod):
     legacy_scale: bool = False
     backend: str = "auto"
     strategy: str = "auto"
+    dense_threshold: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_regions, int) or self.num_regions < 1:
@@ -133,6 +178,10 @@ class BiLevelRouting(AttentionMethod):
         if self.strategy not in ("auto", "aligned", "packed", "dense"):
             raise ValueError(f"strategy must be one of ('auto', 'aligned', 'packed', 'dense'), "
                              f"got {self.strategy!r}")
+        if self.dense_threshold is not None and (not isinstance(self.dense_threshold, int)
+                                                 or isinstance(self.dense_threshold, bool)
+                                                 or self.dense_threshold < 0):
+            raise ValueError(f"dense_threshold must be None or an int >= 0, got {self.dense_threshold!r}")
 
     def _grid(self, geometry: TokenGeometry) -> Optional[core.RegionGrid]:
         g = geometry.grid
@@ -161,7 +210,8 @@ class BiLevelRouting(AttentionMethod):
             scale = _resolve_scale(scale, q.shape[1], q.shape[3])
         out, _ = _routed_attention(q, k, v, grid, self.topk, scale=scale, spatial_start=geometry.num_prefix,
                                    mask_padding=self.mask_padding, backend=self.backend,
-                                   strategy=self.strategy, block_size=None, routing=None)
+                                   strategy=self.strategy, block_size=None, routing=None,
+                                   dense_threshold=self.dense_threshold)
         return out
 
     def layout_stats(self, geometry: TokenGeometry) -> Optional[dict]:
