@@ -2,8 +2,9 @@
 
     python benchmarks/bench_neighborhood.py --stats-only            # block counts + tile candidates (CPU, any device)
     python benchmarks/bench_neighborhood.py --quick                 # forward: dense vs ours (default settings)
-    python benchmarks/bench_neighborhood.py --sections fwd,flex,flex-untiled,64x64 --budget-s 420 --out A.json
-    python benchmarks/bench_neighborhood.py --sections fwdbwd,e2e,flex-bwd --budget-s 420 --out B.json
+    python benchmarks/bench_neighborhood.py --sections fwd,e2e,fwdbwd --budget-s 430 --out A.json        # H100 1
+    python benchmarks/bench_neighborhood.py --sections 64x64,flex,flex-untiled,flex-bwd --budget-s 430 --out B.json
+    python benchmarks/bench_neighborhood.py --merge A.json B.json --out benchmarks/results/neighborhood_h100.json
     python benchmarks/bench_neighborhood.py --e2e-only              # the end-to-end denoising step only
 
 Sections (run in the order below, each over the selected cases; an item (one section of one case) that
@@ -334,12 +335,22 @@ def _flex_warm_and_time(c: Case, rec: Recorder, r: dict, key: str, fn: Callable,
     rec.put(r, f"{key}_ms", _try(lambda: c.time(fn, reps, 1)))
 
 
+def _flex_blocks(c: Case) -> list:
+    """Flex runs on our layout (auto block size); if Flex cannot use that block size, on 128x128 (same mask)."""
+    return [c.auto_bs] + ([(128, 128)] if c.cuda and tuple(c.auto_bs) != (128, 128) else [])
+
+
 def section_flex(c: Case, rec: Recorder, reps: int) -> None:
     r = rec.row(c.name)
     with torch.no_grad():
-        _flex_warm_and_time(c, rec, r, "flex_same_layout", lambda: c.ours(bs=c.auto_bs, backend="flex"), reps)
+        for bs in _flex_blocks(c):
+            r["flex_block"] = f"{bs[0]}x{bs[1]}"
+            _flex_warm_and_time(c, rec, r, "flex_same_layout", lambda: c.ours(bs=bs, backend="flex"), reps)
+            if isinstance(r.get("flex_same_layout_ms"), float):
+                break
+            r[f"flex_{bs[0]}x{bs[1]}_error"] = r.get("flex_same_layout_compile_s")
         if isinstance(r.get("flex_same_layout_ms"), float):
-            out = c.ours(bs=c.auto_bs, backend="flex")
+            out = c.ours(bs=bs, backend="flex")
             rec.put(r, "flex_err", c.max_err(out))
             if isinstance(r.get("ours_best_ms"), float):
                 rec.put(r, "flex_over_ours_x", r["flex_same_layout_ms"] / r["ours_best_ms"])
@@ -403,10 +414,13 @@ def section_fwdbwd(c: Case, rec: Recorder, reps: int, flex: bool = False, all_mo
         return run
 
     if flex:
-        lay = c.layout(c.auto_bs)
-        if lay.partial_counts.sum() == 0 or c.cuda:
-            _flex_warm_and_time(c, rec, r, "fwd_bwd_flex", fb(lambda: c.ours(qg, kg, vg, bs=c.auto_bs, backend="flex")),
+        for bs in _flex_blocks(c):
+            r["fwd_bwd_flex_block"] = f"{bs[0]}x{bs[1]}"
+            _flex_warm_and_time(c, rec, r, "fwd_bwd_flex", fb(lambda: c.ours(qg, kg, vg, bs=bs, backend="flex")),
                                 reps)
+            if isinstance(r.get("fwd_bwd_flex_ms"), float):
+                break
+            r[f"fwd_bwd_flex_{bs[0]}x{bs[1]}_error"] = r.get("fwd_bwd_flex_compile_s")
         return
     for nm, fn in sdpa_fns(c.cuda).items():
         rec.put(r, f"fwd_bwd_dense_{nm}_ms", _try(lambda fn=fn: c.time(fb(lambda: fn(qg, kg, vg)), reps, 1)))
@@ -531,11 +545,12 @@ FWD_COLS = ["case", "block_m", "block_n", "tile", "sub_tile", "full", "partial",
             "best_mode", "target_x", "useful_tflops", "max_abs_err_vs_fp32"]
 ALT_COLS = ["case", "ours_128x128_copy_ms", "ours_128x128_kernel_ms", "ours_128x64_copy_ms", "ours_128x64_kernel_ms",
             "ours_64x64_copy_ms", "hl_dense_cudnn_ms", "hl_ours_copy_ms", "hl_ours_fused_ms", "hl_ours_fused_q_ms",
-            "flex_same_layout_ms", "flex_over_ours_x", "flex_same_layout_compile_s", "flex_untiled_ms",
+            "flex_block", "flex_same_layout_ms", "flex_over_ours_x", "flex_same_layout_compile_s", "flex_untiled_ms",
             "flex_untiled_compile_s",
             "layout_build_s"]
 BWD_COLS = ["case", "fwd_bwd_dense_cudnn_ms", "fwd_bwd_dense_flash_ms", "fwd_bwd_ours_copy_ms", "fwd_bwd_ours_fused_ms",
-            "fwd_bwd_ours_fused_q_ms", "fwd_bwd_speedup_x", "fwd_bwd_flex_ms", "fwd_bwd_flex_compile_s"]
+            "fwd_bwd_ours_fused_q_ms", "fwd_bwd_speedup_x", "fwd_bwd_flex_block", "fwd_bwd_flex_ms",
+            "fwd_bwd_flex_compile_s"]
 
 
 def main(argv: Optional[list] = None) -> None:
