@@ -20,14 +20,16 @@ import fnmatch
 import math
 import numbers
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..geometry import TokenGeometry
-from ._tome import BipartiteGraph, bipartite_graph
+from ._agent_graph import GraphRunner, graph_eligible
+from ._tome import (BipartiteGraph, TomeCache, _to_device, bipartite_graph, graph_from_partition,
+                    partition_host)
 from .base import AttentionMethod, register_method
 
 __all__ = ["Agent", "agent_attention"]
@@ -35,6 +37,8 @@ __all__ = ["Agent", "agent_attention"]
 _MERGES = ("tome", "pool")
 _AFTER = ("tome", "dense")
 _METRICS = ("keys", "queries")
+#: ``cuda_graph="auto"`` captures layers with at most this many grid tokens per image (launch-bound sizes)
+GRAPH_AUTO_MAX_TOKENS = 32768
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -61,8 +65,21 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: t
         if rv.shape[2] != q.shape[2]:
             raise ValueError(f"the residual term needs one value per query ({q.shape[2]}), got {rv.shape[2]}; "
                              "pass residual_v or residual=0")
-        out = out + residual * _expand_heads(rv, q.shape[1])
+        out = torch.add(out, _expand_heads(rv, q.shape[1]), alpha=residual)           # one fused kernel
     return out
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) -> (B, N, H*D); a view when x is a head-split view of token-major memory (what the diffusers
+    and timm processors hand over), a copy otherwise."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
+    """(B, N, H*D) -> (B, H, N, D) view."""
+    b, n, c = x.shape
+    return x.view(b, n, h, c // h).transpose(1, 2)
 
 
 def _pair(x, name: str) -> Tuple[int, int]:
@@ -102,6 +119,11 @@ class Agent(AttentionMethod):
       geometry (run seed, step, layer) plus ``seed``, never from the global RNG.
     - ``metric="keys"``: ToMe similarity on the keys (the released code uses the block input, which an
       attention processor never sees; see docs/methods/agent.md).
+    - ``cuda_graph="auto"``: not an algorithm option. On CUDA, for inference, the device work of an agent/ToMe
+      layer (~40 small kernels) is captured once per shape and replayed, which removes ~2 ms of host launch
+      overhead per call; same kernels, same numbers. ``"auto"``: only layers with at most 32,768 grid tokens per
+      image (above that the layer is GPU-bound and the graph's memory pool is not worth it); ``True``: always;
+      ``False``: never. ``last_stats[layer]["cuda_graph"]`` is True on replayed calls.
 
     Agent attention is used only when ``2 * n < N'`` (released gate, N' = tokens after merging); otherwise
     softmax attention on the merged tokens. Text / prefix tokens and cross-attention stay dense.
@@ -120,6 +142,9 @@ class Agent(AttentionMethod):
     use_rand: bool = True
     metric: str = "keys"
     seed: int = 0
+    cuda_graph: Union[bool, str] = field(default="auto", metadata={
+        "choices": ["auto", True, False],
+        "help": "CUDA graph replay of the layer's device work (execution only, same numbers)"})
 
     def __post_init__(self) -> None:
         for name in ("agent_ratio", "merge_ratio"):
@@ -132,6 +157,8 @@ class Agent(AttentionMethod):
             raise ValueError(f"after must be one of {_AFTER}, got {self.after!r}")
         if self.metric not in _METRICS:
             raise ValueError(f"metric must be one of {_METRICS}, got {self.metric!r}")
+        if self.cuda_graph not in (True, False, "auto"):
+            raise ValueError(f"cuda_graph must be True, False or 'auto', got {self.cuda_graph!r}")
         for name in ("agent_scale", "residual"):
             val = getattr(self, name)
             if not isinstance(val, numbers.Real) or isinstance(val, bool) or not math.isfinite(val):
@@ -157,6 +184,8 @@ class Agent(AttentionMethod):
         if isinstance(lay, list):
             self.layers = tuple(lay)
         self.last_stats: dict = {}
+        self._cache = TomeCache()        # data-independent index tensors per (shape, device); not a field
+        self._graphs = GraphRunner()     # captured device work per layer shape (cuda_graph); kept across runs
 
     def reset(self) -> None:
         """Forget the per-layer path statistics (``last_stats``) of the previous run."""
@@ -201,19 +230,26 @@ class Agent(AttentionMethod):
     def graph(self, q: torch.Tensor, k: torch.Tensor, g: TokenGeometry, stride: Tuple[int, int]) -> BipartiteGraph:
         """The ToMe graph of this call's grid tokens (``q``/``k``: the grid part, (B, H, N, D))."""
         src = k if self.metric == "keys" else q
-        metric = src.transpose(1, 2).flatten(2)                    # (B, N, H*D)
+        return self._graph(_tokens(src), g, stride)
+
+    def _graph(self, metric: torch.Tensor, g: TokenGeometry, stride: Tuple[int, int]) -> BipartiteGraph:
         randomize = self.use_rand and g.batch % 2 == 0
         return bipartite_graph(metric, tuple(g.grid), stride, generator=self._generator(g, randomize),
-                               randomize=randomize)
+                               randomize=randomize, cache=self._cache)
 
     def pool_agents(self, q: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """Average-pool grid queries (B, H, N, D) over ``agent_stride`` windows -> (B, H, n, D)."""
-        b, h, n, d = q.shape
+        h = q.shape[1]
+        return _heads(self._pool_tokens(_tokens(q), grid), h)
+
+    def _pool_tokens(self, q2: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """Token-major pooling: (B, N, C) -> (B, n, C), as a channels-last image (no transpose copy)."""
+        b, n, c = q2.shape
         gh, gw = grid
         sy, sx = self.agent_stride
-        img = q.transpose(2, 3).reshape(b, h * d, gh, gw)
+        img = q2.reshape(b, gh, gw, c).permute(0, 3, 1, 2)            # NCHW view of channels-last memory
         pooled = F.adaptive_avg_pool2d(img, (math.ceil(gh / sy), math.ceil(gw / sx)))
-        return pooled.reshape(b, h, d, -1).transpose(2, 3)
+        return pooled.permute(0, 2, 3, 1).reshape(b, -1, c)
 
     # ---- the method -----------------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: TokenGeometry, *,
@@ -233,44 +269,104 @@ class Agent(AttentionMethod):
         if len(g.grid) != 2:
             raise ValueError(f"Agent supports 2-D token grids (H, W); this layer's grid is {g.grid}")
         sl, n_grid = g.spatial_slice, g.num_spatial
-        qs, ks, vs = q[:, :, sl], k[:, :, sl], v[:, :, sl]
+        h, hk = q.shape[1], k.shape[1]
+        ne = g.num_extra
+        qs, ks, vs = (q, k, v) if not ne else (q[:, :, sl], k[:, :, sl], v[:, :, sl])
+        # token-major (B, N, H*D) views: the processors' q/k/v are head-split views of such memory, so these are free
+        q2, k2, v2 = _tokens(qs), _tokens(ks), _tokens(vs)
         stride = self.agent_stride if agent_phase else self.after_stride
         r = int(n_grid * self.merge_ratio)
-        need_graph = r > 0 or (agent_phase and self.merge == "tome")
-        graph = self.graph(qs, ks, g, stride) if need_graph else None
-        r = graph.clamp(r) if graph is not None else 0
-        qm, km, vm = (graph.merge(t, r) for t in (qs, ks, vs)) if r else (qs, ks, vs)
-        ne = g.num_extra
-        if ne:
-            pre, post = slice(0, g.num_prefix), slice(g.num_prefix + n_grid, q.shape[2])
-            k_all = torch.cat([k[:, :, pre], km, k[:, :, post]], dim=2)
-            v_all = torch.cat([v[:, :, pre], vm, v[:, :, post]], dim=2)
+        tome_agents = agent_phase and self.merge == "tome"
+        perm_host, ns, nd = None, 0, 0
+        if r > 0 or tome_agents:                                  # the dst/src partition, drawn on the host
+            randomize = self.use_rand and g.batch % 2 == 0
+            perm_host, ns, nd = self._partition_host(tuple(g.grid), stride, g, randomize, q.device)
+        clamp = (lambda x: max(0, min(int(x), ns)) if nd else 0)  # BipartiteGraph.clamp, from the sizes alone
+        r = clamp(r)
+        n_merged = n_grid - r
+        # the released gate (agents only if 2 n < N') is decided from the sizes alone, before any agent is built
+        agent_r = clamp(int(n_grid * self.agent_ratio)) if tome_agents else 0
+        if not agent_phase:
+            n_agents = 0
+        elif tome_agents:
+            n_agents = n_grid - agent_r
         else:
-            k_all, v_all = km, vm
-        mode, n_agents = "tome" if r else "dense", 0
-        out_m = None
-        if agent_phase:
-            if self.merge == "tome":
-                agent_r = graph.clamp(int(n_grid * self.agent_ratio))
-                agents = graph.merge(qs, agent_r)
-            else:
-                agents = self.pool_agents(qs, tuple(g.grid))
-            n_agents = agents.shape[2]
-            if 2 * n_agents < qm.shape[2]:                               # the released AgentSD gate
-                mode = "agent"
-                out_m = agent_attention(qm, k_all, v_all, agents, scale=scale, agent_scale=self.agent_scale,
-                                        residual=self.residual, residual_v=vm)
-        if out_m is None:
-            out_m = F.scaled_dot_product_attention(qm, k_all, v_all, scale=scale, enable_gqa=gqa)
-        out_s = graph.unmerge(out_m, r) if r else out_m
-        self.last_stats[g.layer] = {"mode": mode, "tokens": n_grid, "merged": qm.shape[2], "agents": n_agents}
+            sy, sx = self.agent_stride
+            n_agents = math.ceil(g.grid[0] / sy) * math.ceil(g.grid[1] / sx)
+        use_agents = agent_phase and 2 * n_agents < n_merged
+        plan = (tuple(g.grid), ns, nd, r, agent_r if (use_agents and tome_agents) else 0, use_agents, h, hk, scale,
+                self.agent_scale, self.residual, self.metric, self.agent_stride)
+        stats = {"mode": "agent" if use_agents else ("tome" if r else "dense"), "tokens": n_grid, "merged": n_merged,
+                 "agents": n_agents}
+        out2 = None
+        if perm_host is not None and not ne and self._use_graph(n_grid, q, k, v):
+            key = plan + (tuple(q2.shape), tuple(k2.shape), q2.dtype, k2.dtype, str(q.device))
+            out2 = self._graphs.run(key, lambda a, b_, c, p: self._core(a, b_, c, p, plan), [q2, k2, v2], perm_host,
+                                    keep=lambda: list(self._cache._d.values()))
+            if out2 is not None:
+                stats["cuda_graph"] = True
+        if out2 is None:
+            perm = None
+            if perm_host is not None:
+                perm = (self._cache.get(("perm", tuple(g.grid), stride, str(q.device)),
+                                        lambda: _to_device(perm_host, q.device))
+                        if not (self.use_rand and g.batch % 2 == 0) else _to_device(perm_host, q.device))
+            extra = None
+            if ne:
+                pre, post = slice(0, g.num_prefix), slice(g.num_prefix + n_grid, q.shape[2])
+                extra = (k[:, :, pre], k[:, :, post], v[:, :, pre], v[:, :, post])
+            out2 = self._core(q2, k2, v2, perm, plan, extra)
+        out_s = _heads(out2, h)
+        self.last_stats[g.layer] = stats
         if not ne:
             return out_s
         # extra (text / class) tokens: exact attention over all original keys
-        idx = torch.cat([torch.arange(0, g.num_prefix), torch.arange(g.num_prefix + n_grid, q.shape[2])])
-        idx = idx.to(q.device)
+        idx = self._cache.get(("extra", g.num_prefix, n_grid, q.shape[2], str(q.device)), lambda: torch.cat([
+            torch.arange(0, g.num_prefix), torch.arange(g.num_prefix + n_grid, q.shape[2])]).to(q.device))
         out_e = F.scaled_dot_product_attention(q.index_select(2, idx), k, v, scale=scale, enable_gqa=gqa)
         out = torch.empty_like(q)
         out[:, :, sl] = out_s
         out.index_copy_(2, idx, out_e)
         return out
+
+    def _use_graph(self, n_grid: int, *tensors: torch.Tensor) -> bool:
+        mode = self.cuda_graph
+        if (n_grid > GRAPH_AUTO_MAX_TOKENS) if mode == "auto" else not mode:
+            return False
+        return graph_eligible(*tensors)
+
+    def _partition_host(self, grid, stride, g: TokenGeometry, randomize: bool, device):
+        """Host [src | dst] partition: a fresh random draw per call (seeded by the geometry), or the cached
+        deterministic one (odd batches / ``use_rand=False``). Pinned on CUDA, for a non-blocking copy."""
+        pin = torch.device(device).type == "cuda"
+        if randomize:
+            return partition_host(grid, stride, generator=self._generator(g, True), randomize=True, pin=pin)
+        return self._cache.get(("perm_host", grid, stride, pin),
+                               lambda: partition_host(grid, stride, randomize=False, pin=pin))
+
+    def _core(self, q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, perm: Optional[torch.Tensor], plan: tuple,
+              extra: Optional[tuple] = None) -> torch.Tensor:
+        """Device work of one agent / ToMe layer on the grid tokens (token-major (B, N, C) in and out): graph,
+        merge, agents, attention, unmerge. No host reads, so it can be captured in a CUDA graph."""
+        grid, ns, nd, r, agent_r, use_agents, h, hk, scale, agent_scale, residual, metric, _ = plan
+        graph = None
+        if perm is not None:
+            graph = graph_from_partition(k2 if metric == "keys" else q2, perm, ns, nd, cache=self._cache)
+        if r:
+            qm2, km2, vm2 = graph.merge_tokens([q2, k2, v2], r)           # one index_add for q, k and v
+            qm, km, vm = _heads(qm2, h), _heads(km2, hk), _heads(vm2, hk)
+        else:
+            qm, km, vm = _heads(q2, h), _heads(k2, hk), _heads(v2, hk)
+        if extra is not None:
+            k_pre, k_post, v_pre, v_post = extra
+            k_all, v_all = torch.cat([k_pre, km, k_post], dim=2), torch.cat([v_pre, vm, v_post], dim=2)
+        else:
+            k_all, v_all = km, vm
+        if use_agents:
+            agents2 = graph.merge_tokens([q2], agent_r)[0] if agent_r else self._pool_tokens(q2, grid)
+            out_m = agent_attention(qm, k_all, v_all, _heads(agents2, h), scale=scale, agent_scale=agent_scale,
+                                    residual=residual, residual_v=vm)
+        else:
+            out_m = F.scaled_dot_product_attention(qm, k_all, v_all, scale=scale, enable_gqa=h != hk)
+        out2 = _tokens(out_m)
+        return graph.unmerge_tokens(out2, r) if r else out2
