@@ -26,7 +26,8 @@ import torch
 from .dispatch import Backend, register_backend
 from .layout import BlockLayout
 
-__all__ = ["triton_block_sparse_attention", "INTERPRET", "CONFIG_OVERRIDES", "kernel_config", "fuse_mode"]
+__all__ = ["triton_block_sparse_attention", "INTERPRET", "CONFIG_OVERRIDES", "kernel_config", "fuse_mode",
+           "resolve_fuse_mode"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -53,12 +54,16 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CONFIG_OVERRIDES: Dict[Tuple, dict] = {}
 SHORT_ROW_BLOCKS = 32
 # Where the layout's token permutation is applied (read at every call, so it can be switched in-process):
-#   False: gather/scatter copies around the kernels (default until measured);
+#   False: gather/scatter copies around the kernels;
 #   True:  inside the kernels' loads and stores, no copies (K/V then use pointer loads, not TMA);
-#   "q":   Q gather and output scatter inside the kernels, K/V by copies (K/V keep TMA loads).
-# Env VISATTN_FUSE_PERMUTATION: "1"/"true"/"all" -> True, "q" -> "q", else False.
-_FUSE_ENV = os.environ.get("VISATTN_FUSE_PERMUTATION", "0").strip().lower()
-FUSE_PERMUTATION = "q" if _FUSE_ENV == "q" else _FUSE_ENV in ("1", "true", "all")
+#   "q":   Q gather and output scatter inside the kernels, K/V by copies (K/V keep TMA loads);
+#   "auto" (default): on CUDA without autograd, "q" for layouts with PARTIAL blocks and True for all-FULL
+#          layouts (both faster than copies in every H100 NA case, identical outputs; docs/BENCHMARKS.md);
+#          copies on the CPU interpreter and when gradients are needed (the backward was measured with copies).
+# Env VISATTN_FUSE_PERMUTATION: "1"/"true"/"all" -> True, "q" -> "q", "0"/"false"/"copy" -> False, unset -> "auto".
+_FUSE_ENV = os.environ.get("VISATTN_FUSE_PERMUTATION", "auto").strip().lower()
+FUSE_PERMUTATION = ("auto" if _FUSE_ENV in ("", "auto") else "q" if _FUSE_ENV == "q"
+                    else _FUSE_ENV in ("1", "true", "all"))
 
 
 def kernel_config(kernel: str, block_m: int, block_n: int, d_pad: int, dtype: torch.dtype) -> dict:
@@ -623,17 +628,30 @@ def _run(q, k, v, layout, scale, return_lse, fused):
 
 
 def fuse_mode(value) -> Tuple[bool, bool]:
-    """(fuse q/o, fuse k/v) for a ``fuse_permutation`` / ``FUSE_PERMUTATION`` value: False, True or "q"."""
+    """(fuse q/o, fuse k/v) for a ``fuse_permutation`` / ``FUSE_PERMUTATION`` value: False, True or "q"
+    ("auto" is resolved per call by :func:`resolve_fuse_mode`)."""
     if isinstance(value, str):
         v = value.strip().lower()
+        if v == "auto":
+            raise ValueError("fuse_permutation='auto' depends on the call; use resolve_fuse_mode()")
         if v == "q":
             return True, False
         if v in ("1", "true", "all"):
             return True, True
         if v in ("", "0", "false", "none", "copy", "copies"):
             return False, False
-        raise ValueError(f"fuse_permutation must be False, True or 'q', got {value!r}")
+        raise ValueError(f"fuse_permutation must be False, True, 'q' or 'auto', got {value!r}")
     return bool(value), bool(value)
+
+
+def resolve_fuse_mode(value, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout):
+    """The concrete mode (False, True or "q") for one call; "auto" picks by device, autograd and layout."""
+    if not (isinstance(value, str) and value.strip().lower() == "auto"):
+        return value
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type != "cuda" or needs_grad or (layout.perm_q is None and layout.perm_k is None):
+        return False
+    return "q" if _layout_info(layout)["HAS_PARTIAL"] else True
 
 
 def _heads_last(t: torch.Tensor) -> bool:
@@ -655,9 +673,10 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """Block-sparse attention with our Triton kernels (differentiable in q, k, v and LSE).
 
     q (B, H, Nq, D), k/v (B, H_kv, Nk, D) in *original* token order. The layout's permutation, if any,
-    is applied by gather/scatter copies around the kernels (``False``, the default), inside the kernels'
-    loads and stores (``True``: no copies; K/V loads then use pointers, not TMA), or half and half
-    (``"q"``: the Q gather and the output scatter inside the kernel, K/V by copies that keep TMA loads).
+    is applied by gather/scatter copies around the kernels (``False``), inside the kernels'
+    loads and stores (``True``: no copies; K/V loads then use pointers, not TMA), half and half
+    (``"q"``: the Q gather and the output scatter inside the kernel, K/V by copies that keep TMA loads), or
+    ``"auto"`` (the default: "q" / True on CUDA inference by whether the layout has PARTIAL blocks, else copies).
     ``fuse_permutation=None`` reads the module flag ``FUSE_PERMUTATION`` (env
     ``VISATTN_FUSE_PERMUTATION=1`` / ``q``) at call time. Each copy is one ``index_select`` that also does
     the heads transpose of heads-last inputs; the output has q's layout ((B, N, H, D) memory for a
@@ -668,7 +687,8 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if why is not None:
         raise RuntimeError(f"triton backend cannot run: {why}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    fq, fk = fuse_mode(FUSE_PERMUTATION if fuse_permutation is None else fuse_permutation)
+    mode = FUSE_PERMUTATION if fuse_permutation is None else fuse_permutation
+    fq, fk = fuse_mode(resolve_fuse_mode(mode, q, k, v, layout))
     pq, pk = layout.perm_q, layout.perm_k
     fq, fk = fq and pq is not None, fk and pk is not None
     qp = q if pq is None or fq else q.index_select(2, pq)

@@ -4,6 +4,7 @@ Two oracles: ``masked_attention`` in float64 with ``layout.to_dense()``, and the
 independently from the method's ``mask_mod`` on all (q, k) pairs in original positions. Tolerances
 (max abs error): fp32 2e-5, fp16 3e-3, bf16 3e-2 (outputs of unit-variance inputs); LSE 1e-4 (fp32 math).
 """
+import os
 import pytest
 import torch
 
@@ -383,3 +384,31 @@ def test_fuse_mode_values():
     assert tb.fuse_mode("q") == (True, False) and tb.fuse_mode("1") == (True, True)
     with pytest.raises(ValueError, match="fuse_permutation"):
         tb.fuse_mode("kv")
+
+
+def test_fuse_mode_auto_resolution():
+    """'auto' (the default): copies on the CPU and under autograd; on CUDA inference "q" for layouts with PARTIAL
+    blocks and True for all-FULL ones; copies when the layout has no permutation."""
+    from types import SimpleNamespace
+
+    assert tb.FUSE_PERMUTATION == "auto" or os.environ.get("VISATTN_FUSE_PERMUTATION")
+    with pytest.raises(ValueError, match="resolve_fuse_mode"):
+        tb.fuse_mode("auto")
+    perm = torch.randperm(64)
+    full = BlockLayout.from_mask_mod(lambda b, h, qi, ki: qi >= 0, batch=None, heads=None, seq_lens=64,
+                                     block_size=16, perm_q=perm, perm_k=perm)
+    part = BlockLayout.from_mask_mod(lambda b, h, qi, ki: qi >= ki, batch=None, heads=None, seq_lens=64,
+                                     block_size=16, perm_q=perm, perm_k=perm)
+    plain = BlockLayout.from_mask_mod(lambda b, h, qi, ki: qi >= ki, batch=None, heads=None, seq_lens=64,
+                                      block_size=16)
+    cpu = torch.zeros(1)
+    cuda = SimpleNamespace(device=torch.device("cuda"), requires_grad=False)
+    cuda_grad = SimpleNamespace(device=torch.device("cuda"), requires_grad=True)
+    assert tb.resolve_fuse_mode("auto", cpu, cpu, cpu, part) is False
+    assert tb.resolve_fuse_mode("auto", cuda, cuda, cuda, part) == "q"
+    assert tb.resolve_fuse_mode("auto", cuda, cuda, cuda, full) is True
+    assert tb.resolve_fuse_mode("auto", cuda, cuda, cuda, plain) is False
+    assert tb.resolve_fuse_mode("auto", cuda_grad, cuda, cuda, part) is False
+    with torch.no_grad():
+        assert tb.resolve_fuse_mode("auto", cuda_grad, cuda, cuda, part) == "q"
+    assert tb.resolve_fuse_mode(True, cpu, cpu, cpu, part) is True
