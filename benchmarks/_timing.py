@@ -12,6 +12,11 @@ def median_ms(fn: Callable[[], object], reps: int, warmup: int, cuda: bool) -> f
         fn()
     if cuda:
         torch.cuda.synchronize()
+    return statistics.median(timed_ms(fn, reps, cuda))
+
+
+def timed_ms(fn: Callable[[], object], reps: int, cuda: bool) -> list:
+    """Milliseconds of each of ``reps`` calls of ``fn()`` (no warm-up)."""
     times = []
     for _ in range(reps):
         if cuda:
@@ -25,4 +30,4 @@ def median_ms(fn: Callable[[], object], reps: int, warmup: int, cuda: bool) -> f
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times

@@ -145,8 +145,7 @@ def bench_attention(cfg, latent, batch, dtype, device, warmup, iters, modes):
         for mode in modes:
             if mode == "visattn_dense":
                 continue
-            m = MODES[mode]() if MODES[mode] else None
-            fn = (lambda: F.scaled_dot_product_attention(q, k, v)) if m is None else (lambda: m(q, k, v, geo))
+            m, fn = mode_call(mode, q, k, v, geo)
             with torch.inference_mode():
                 row[f"{mode}_ms"] = timer(fn, device, warmup, iters)
                 row[f"{mode}_host_ms"] = host_ms(fn, device)
@@ -155,6 +154,14 @@ def bench_attention(cfg, latent, batch, dtype, device, warmup, iters, modes):
                 row[f"{mode}_path"] = m.last_stats.get(geo.layer, {})
         rows.append(row)
     return rows
+
+
+def mode_call(mode, q, k, v, geo):
+    """(method instance or None, a no-argument call of one attention in this mode) for the micro-benchmarks."""
+    m = MODES[mode]() if MODES[mode] else None
+    if m is None:
+        return None, lambda: F.scaled_dot_product_attention(q, k, v)
+    return m, lambda: m(q, k, v, geo)
 
 
 def count_kernels(cfg, latent, batch, dtype, device, modes):
@@ -169,8 +176,7 @@ def count_kernels(cfg, latent, batch, dtype, device, modes):
     for mode in modes:
         if mode == "visattn_dense":
             continue
-        m = MODES[mode]() if MODES[mode] else None
-        fn = (lambda: F.scaled_dot_product_attention(q, k, v)) if m is None else (lambda: m(q, k, v, geo))
+        m, fn = mode_call(mode, q, k, v, geo)
         with torch.inference_mode():
             fn()
             torch.cuda.synchronize()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from _timing import median_ms  # noqa: E402
+from _timing import median_ms, timed_ms  # noqa: E402
 
 import visattn  # noqa: E402
 from visattn.kernels import block_sparse_attention  # noqa: E402
@@ -124,20 +124,7 @@ def _stats(fn: Callable[[], object], reps: int, warmup: int, cuda: bool) -> dict
     median_ms(fn, 1, warmup, cuda)
     per_call = (time.perf_counter() - t0) / (warmup + 1)
     n = max(reps, min(MAX_REPS, int(TIME_BUDGET_S / max(per_call, 1e-6))))
-    times = []
-    for _ in range(n):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
+    times = sorted(timed_ms(fn, n, cuda))
     return {"ms": times[len(times) // 2], "min_ms": times[0], "p20_ms": times[len(times) // 5], "reps": n}
 
 

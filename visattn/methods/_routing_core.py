@@ -106,6 +106,16 @@ def check_topk(topk: int, grid: RegionGrid) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- routing
+def _padded_grid_tokens(x: torch.Tensor, grid: RegionGrid, spatial_start: int) -> torch.Tensor:
+    """The grid tokens of ``x (B, H, N, D)`` as ``(B, H, hp, wp, D)``, zero-padded to whole regions."""
+    B, Hh, _, D = x.shape
+    xs = x[:, :, spatial_start:spatial_start + grid.height * grid.width].reshape(B, Hh, grid.height, grid.width, D)
+    hp, wp = grid.padded_hw
+    if (hp, wp) != (grid.height, grid.width):
+        xs = torch.nn.functional.pad(xs, (0, 0, 0, wp - grid.width, 0, hp - grid.height))
+    return xs
+
+
 def region_means(x: torch.Tensor, grid: RegionGrid, spatial_start: int, *, mask_padding: bool,
                  dtype: torch.dtype) -> torch.Tensor:
     """Per-region mean of the grid tokens of ``x (B, H, N, D)`` -> ``(B, H, S*S, D)`` in ``dtype``.
@@ -114,10 +124,7 @@ def region_means(x: torch.Tensor, grid: RegionGrid, spatial_start: int, *, mask_
     """
     B, Hh, _, D = x.shape
     g, S = grid, grid.num_regions
-    xs = x[:, :, spatial_start:spatial_start + g.height * g.width].reshape(B, Hh, g.height, g.width, D)
-    hp, wp = g.padded_hw
-    if (hp, wp) != (g.height, g.width):
-        xs = torch.nn.functional.pad(xs, (0, 0, 0, wp - g.width, 0, hp - g.height))
+    xs = _padded_grid_tokens(x, grid, spatial_start)
     sums = xs.reshape(B, Hh, S, g.rh, S, g.rw, D).sum(dim=(3, 5), dtype=dtype)  # (B, H, S, S, D)
     if mask_padding and g.num_pad:
         cnt = region_valid_counts(g, x.device).to(dtype)
@@ -155,10 +162,7 @@ def region_sums(x: torch.Tensor, grid: RegionGrid, spatial_start: int, *, dtype:
     """
     B, Hh, _, D = x.shape
     g, S = grid, grid.num_regions
-    xs = x[:, :, spatial_start:spatial_start + g.height * g.width].reshape(B, Hh, g.height, g.width, D)
-    hp, wp = g.padded_hw
-    if (hp, wp) != (g.height, g.width):
-        xs = torch.nn.functional.pad(xs, (0, 0, 0, wp - g.width, 0, hp - g.height))
+    xs = _padded_grid_tokens(x, grid, spatial_start)
     sums = xs.reshape(B, Hh, S, g.rh, S, g.rw, D).permute(0, 2, 4, 1, 3, 5, 6).sum(dim=(4, 5), dtype=dtype)
     return sums.reshape(B, S * S, Hh * D)  # (B, S, S, H, D) is contiguous: a view
 
