@@ -214,15 +214,16 @@ def permutation_cost(results: dict, B=1, H=24, N=16384, D=64) -> None:
     perm = torch.randperm(N, device="cuda")
     lay_p = BlockLayout(lay.seq_len_q, lay.seq_len_k, lay.block_m, lay.block_n, lay.full_counts, lay.full_indices,
                         lay.partial_counts, lay.partial_indices, lay.partial_mask_ids, lay.mask_table, perm, perm)
-    with torch.no_grad():
-        a = time_backend(q, k, v, lay, "triton", False)
-        b = time_backend(q, k, v, lay_p, "triton", False)
-        saved = tb.FUSE_PERMUTATION
-        tb.FUSE_PERMUTATION = True  # gathers/scatters inside the kernel (pointer loads, no TMA)
-        try:
+    saved = tb.FUSE_PERMUTATION
+    try:
+        with torch.no_grad():
+            a = time_backend(q, k, v, lay, "triton", False)
+            tb.FUSE_PERMUTATION = False  # gather/scatter copies around the kernel
+            b = time_backend(q, k, v, lay_p, "triton", False)
+            tb.FUSE_PERMUTATION = True  # gathers/scatters inside the kernel (pointer loads, no TMA)
             c = time_backend(q, k, v, lay_p, "triton", False)
-        finally:
-            tb.FUSE_PERMUTATION = saved
+    finally:
+        tb.FUSE_PERMUTATION = saved
     results["permutation"] = dict(shape=f"({B}, {H}, {N}, {D})", kernel_ms=a, with_permutation_ms=b,
                                   overhead=(b - a) / a, fused_ms=c, fused_overhead=(c - a) / a)
     log(f"permutation overhead: kernel {a:.3f} ms, with gather/scatter {b:.3f} ms ({100 * (b - a) / a:.0f}%), "

@@ -62,8 +62,12 @@ SHORT_ROW_BLOCKS = 32
 #          copies on the CPU interpreter and when gradients are needed (the backward was measured with copies).
 # Env VISATTN_FUSE_PERMUTATION: "1"/"true"/"all" -> True, "q" -> "q", "0"/"false"/"copy" -> False, unset -> "auto".
 _FUSE_ENV = os.environ.get("VISATTN_FUSE_PERMUTATION", "auto").strip().lower()
-FUSE_PERMUTATION = ("auto" if _FUSE_ENV in ("", "auto") else "q" if _FUSE_ENV == "q"
-                    else _FUSE_ENV in ("1", "true", "all"))
+_FUSE_ENV_VALUES = {"": "auto", "auto": "auto", "q": "q", "1": True, "true": True, "all": True,
+                    "0": False, "false": False, "copy": False, "copies": False}
+if _FUSE_ENV not in _FUSE_ENV_VALUES:
+    raise ValueError(f"VISATTN_FUSE_PERMUTATION={_FUSE_ENV!r} is not understood "
+                     f"(allowed: {', '.join(repr(k) for k in _FUSE_ENV_VALUES if k)}, or unset for 'auto')")
+FUSE_PERMUTATION = _FUSE_ENV_VALUES[_FUSE_ENV]
 
 
 def kernel_config(kernel: str, block_m: int, block_n: int, d_pad: int, dtype: torch.dtype) -> dict:
@@ -527,9 +531,13 @@ def _perm_args(layout: BlockLayout, fused) -> dict:
         on = f and perm is not None
         if on:
             key = f"triton_perm_{name}"
-            if key not in layout._cache:
-                layout._cache[key] = perm.to(torch.int32).contiguous()
-            out[f"P{name}"] = layout._cache[key]
+            cached = layout._cache.get(key)
+            if cached is None:
+                cached = perm.to(torch.int32).contiguous()
+                # inside a CUDA-graph capture the copy only runs at replay: never cache such a tensor
+                if not (perm.is_cuda and torch.cuda.is_current_stream_capturing()):
+                    layout._cache[key] = cached
+            out[f"P{name}"] = cached
         else:
             out[f"P{name}"] = layout.full_counts  # unused placeholder pointer
         out[f"PERM_{name}"] = on

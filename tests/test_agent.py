@@ -346,3 +346,25 @@ def test_fused_triton_merge_matches_torch_merge(dtype):
         for a, c in zip(ref, out):
             torch.testing.assert_close(c[:, :n_unm], a[:, :n_unm], rtol=0, atol=0)
             torch.testing.assert_close(c, a, **tol)
+
+
+def test_graph_runner_is_bounded():
+    """More captured shapes than ``max_entries`` drop every graph (and the shared pool) before capturing anew."""
+    from visattn.methods._agent_graph import GraphRunner, _Entry
+
+    class _FakeGraph:
+        def replay(self):
+            pass
+
+    runner = GraphRunner(max_entries=2)
+
+    def fake_capture(key, fn, inputs, perm_host, keep):
+        e = runner._entries[key] = _Entry(_FakeGraph(), [torch.zeros(1)], torch.zeros(1), torch.ones(1), [])
+        runner.captures += 1
+        return e
+
+    runner._capture = fake_capture
+    for key in ("a", "b", "c"):
+        out = runner.run((key,), None, [torch.zeros(1)], torch.zeros(1))
+        assert torch.equal(out, torch.ones(1))
+    assert len(runner) == 1 and runner.captures == 3

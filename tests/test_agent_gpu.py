@@ -68,3 +68,15 @@ def test_cuda_graph_not_used_with_autograd_or_large_grids():
     with torch.inference_mode():
         m(q, k, v, geo)
     assert "cuda_graph" not in m.last_stats[geo.layer]
+
+
+def test_cuda_graph_captured_in_inference_mode_replays_under_no_grad():
+    """Buffers captured under inference_mode are plain tensors, so a later no_grad call can replay into them."""
+    m = Agent(cuda_graph=True)
+    (q, k, v), geo = _inputs(64, torch.bfloat16)
+    with torch.inference_mode():
+        first = m(q, k, v, geo)
+    with torch.no_grad():
+        second = m(q, k, v, geo)
+    assert m.last_stats[geo.layer].get("cuda_graph") is True and m._graphs.replays == 2
+    assert torch.equal(first, second)

@@ -412,3 +412,14 @@ def test_fuse_mode_auto_resolution():
     with torch.no_grad():
         assert tb.resolve_fuse_mode("auto", cuda_grad, cuda, cuda, part) == "q"
     assert tb.resolve_fuse_mode(True, cpu, cpu, cpu, part) is True
+
+
+def test_unknown_fuse_env_value_is_an_error():
+    """VISATTN_FUSE_PERMUTATION with an unknown value fails at import, naming the allowed values."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VISATTN_FUSE_PERMUTATION": "fused", "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", "import visattn.kernels.triton_backend"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "VISATTN_FUSE_PERMUTATION='fused'" in r.stderr and "'auto'" in r.stderr

@@ -485,3 +485,11 @@ def test_identity_order_has_no_permutation():
     assert nl.get_layout(spec, (32, 32), "cpu", kernel_order=True) is lay
     assert torch.equal(lay.to_dense()[0, 0], oracle_mask((512,), (64,), (1,), (1,), (False,)))
     assert nl.get_layout(make_spec((512,), 64, dilation=2), (32, 32), "cpu").perm_q is not None
+
+
+def test_neighborhood_layout_on_cuda_needs_head_dim_or_block_size():
+    """The CUDA block sizes (and so the kernel token order) depend on q's head dim: no silent default there."""
+    from visattn.methods.neighborhood import neighborhood_layout
+
+    with pytest.raises(ValueError, match="head_dim"):
+        neighborhood_layout((16, 16), 5, device="cuda")

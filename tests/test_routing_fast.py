@@ -63,6 +63,7 @@ CASES = [
     ((9, 9), 3, 2, 0, 0),      # packed
     ((10, 9), 3, 4, 1, 2),     # packed with padding and extras
     ((14, 14), 7, 4, 1, 0),    # packed (2x2 regions) with a CLS token
+    ((29, 32), 2, 2, 0, 0),    # padding-only key blocks and no PARTIAL one (mask_padding)
 ]
 
 

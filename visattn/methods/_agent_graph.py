@@ -49,8 +49,9 @@ class _Entry:
 class GraphRunner:
     """Captured graphs keyed by the caller's (shape, options) key."""
 
-    def __init__(self, warmup: int = 2) -> None:
+    def __init__(self, warmup: int = 2, max_entries: int = 16) -> None:
         self.warmup = warmup
+        self.max_entries = max_entries  # more shapes than this (e.g. many resolutions): drop all and recapture
         self._entries: Dict[tuple, _Entry] = {}
         self.failed: Dict[tuple, str] = {}
         self._pools: Dict[torch.device, object] = {}
@@ -74,6 +75,8 @@ class GraphRunner:
             return None
         e = self._entries.get(key)
         if e is None:
+            if len(self._entries) >= self.max_entries:
+                self.clear()  # bounded GPU memory: graphs, their buffers and the shared pool go together
             e = self._capture(key, fn, inputs, perm_host, keep)
             if e is None:
                 return None
@@ -87,28 +90,33 @@ class GraphRunner:
     def _capture(self, key, fn, inputs, perm_host, keep) -> Optional[_Entry]:
         dev = inputs[0].device
         try:
-            static_in = [torch.empty(x.shape, dtype=x.dtype, device=dev) for x in inputs]
-            for s, x in zip(static_in, inputs):
-                s.copy_(x)
-            static_perm = torch.empty(perm_host.shape, dtype=perm_host.dtype, device=dev)
-            static_perm.copy_(perm_host, non_blocking=True)
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    fn(*static_in, static_perm)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            pool = self._pools.get(dev)
-            if pool is None:
-                pool = self._pools[dev] = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                static_out = fn(*static_in, static_perm)
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable in and out of inference mode
+                return self._capture_plain(key, fn, inputs, perm_host, keep, dev)
         except Exception as exc:  # pragma: no cover - GPU only
             self.failed[key] = f"{type(exc).__name__}: {exc}"[:300]
             warnings.warn(f"visattn Agent: CUDA graph capture failed for {key[:3]}..., running eagerly: "
                           f"{self.failed[key]}", RuntimeWarning, stacklevel=4)
             return None
+
+    def _capture_plain(self, key, fn, inputs, perm_host, keep, dev) -> _Entry:
+        """Allocate the static buffers, warm up on a side stream, capture; raises on failure."""
+        static_in = [torch.empty(x.shape, dtype=x.dtype, device=dev) for x in inputs]
+        for s, x in zip(static_in, inputs):
+            s.copy_(x)
+        static_perm = torch.empty(perm_host.shape, dtype=perm_host.dtype, device=dev)
+        static_perm.copy_(perm_host, non_blocking=True)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                fn(*static_in, static_perm)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        pool = self._pools.get(dev)
+        if pool is None:
+            pool = self._pools[dev] = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            static_out = fn(*static_in, static_perm)
         self.captures += 1
         e = self._entries[key] = _Entry(graph, static_in, static_perm, static_out, keep())
         return e

@@ -140,6 +140,7 @@ class RoutingPlan:
         st["mid"] = st["mid_cpu"].to(self.device)
         st["table"] = table.to(self.device)
         st["has_partial"] = bool(part.numel())
+        st["has_dead"] = bool((kcls == 0).any())  # padding-only key blocks (mask_padding): no work in dK/dV
         Gb = self.grid_blocks
         st["simple"] = bool((kcls[:Gb] == 2).all())  # no grid key block is PARTIAL or DEAD
         st["extra_blocks"] = torch.arange(Gb, nb)
@@ -357,7 +358,10 @@ def direct_transposed(plan: RoutingPlan, routing: torch.Tensor):
         out["partial_mask_ids"] = torch.where(p_valid, st["mid"].view(1, nb, 1), 0).to(torch.int32).unsqueeze(1)
         out["full_indices"] = torch.where(slots < f_cnt.unsqueeze(-1), lst, 0).unsqueeze(1)
         out["full_counts"] = f_cnt.unsqueeze(1)
-    else:  # every key block is FULL
+    else:  # every key block is FULL, or padding only (those get no rows)
+        if st["has_dead"]:
+            cnt = torch.where(st["kcls"] != 0, cnt, 0).to(torch.int32)
+            lst = torch.where(bs["ar_nb"] < cnt.unsqueeze(-1), lst, 0)
         out["partial_indices"] = out["partial_mask_ids"] = bs["t_zeros"]
         out["partial_counts"] = bs["t_zero_counts"]
         out["full_indices"] = lst.unsqueeze(1)

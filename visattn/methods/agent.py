@@ -300,7 +300,8 @@ class Agent(AttentionMethod):
                  "agents": n_agents}
         out2 = None
         if perm_host is not None and not ne and self._use_graph(n_grid, q, k, v):
-            key = plan + (tuple(q2.shape), tuple(k2.shape), q2.dtype, k2.dtype, str(q.device))
+            key = plan + (tuple(q2.shape), tuple(k2.shape), tuple(v2.shape), q2.dtype, k2.dtype, v2.dtype,
+                          str(q.device))
             out2 = self._graphs.run(key, lambda a, b_, c, p: self._core(a, b_, c, p, plan), [q2, k2, v2], perm_host,
                                     keep=lambda: list(self._cache._d.values()))
             if out2 is not None:

@@ -151,14 +151,21 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 def neighborhood_layout(spatial_shape: Sequence[int], kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
                         stride: IntOrTuple = 1, is_causal: BoolOrTuple = False, *,
-                        num_global_tokens: Union[int, Tuple[int, int]] = 0, device="cpu", head_dim: int = 64,
+                        num_global_tokens: Union[int, Tuple[int, int]] = 0, device="cpu",
+                        head_dim: Optional[int] = None,
                         block_size: Optional[Union[int, Tuple[int, int]]] = None) -> BlockLayout:
     """The cached :class:`BlockLayout` that ``neighborhood_attention`` uses for these arguments on ``device``
     (with q's ``head_dim``, or the same ``block_size``): ``.perm_q`` maps kernel position -> original token
     (None when the tiled order is the original order, e.g. 1-D without dilation), ``.inv_perm_q`` the
-    reverse, ``.stats()`` gives full/partial/empty block counts."""
+    reverse, ``.stats()`` gives full/partial/empty block counts. On CUDA the block sizes (and so the token
+    order) depend on the head dim, so one of ``head_dim`` / ``block_size`` is required there."""
     spec = make_spec(spatial_shape, kernel_size, dilation, stride, is_causal, num_global_tokens)
     dev = torch.device(device)
+    if head_dim is None:
+        if dev.type == "cuda" and block_size is None:
+            raise ValueError("neighborhood_layout on CUDA needs head_dim= (q's last dim) or block_size=: the "
+                             "block sizes, and so the token order, depend on it")
+        head_dim = 64
     return get_layout(spec, _blocks(block_size, dev, head_dim, spec), dev)
 
 
@@ -244,12 +251,15 @@ class Neighborhood(AttentionMethod):
         mm = make_mask_mod(spec)
         return mm(0, 0, torch.tensor(int(query_index)), torch.arange(geometry.kv_len)).expand(geometry.kv_len)
 
-    def layout_stats(self, geometry: TokenGeometry) -> Optional[dict]:
+    def layout_stats(self, geometry: TokenGeometry, head_dim: int = 128) -> Optional[dict]:
+        """Block counts of the layout for ``geometry`` with q's ``head_dim`` (on CUDA the block sizes depend
+        on it: 128x64 for some layouts when 64 < D <= 128), plus the block sizes used."""
         spec = self.spec_for(geometry)
         if spec is None:
             return None
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the method would run
-        return dict(_cached_counts(spec, _blocks(self.block_size, dev, 128, spec)))
+        bs = _blocks(self.block_size, dev, head_dim, spec)
+        return {**_cached_counts(spec, bs), "block_size": f"{bs[0]}x{bs[1]}"}
 
 
 @lru_cache(maxsize=128)
