@@ -317,3 +317,19 @@ def test_triton_interpreter_direct_layouts_forward_backward(hw, S, prefix, suffi
     (ref * go).sum().backward()
     for a, b in zip(ins, ins2):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_named_backend_turns_the_default_dense_fallback_off(monkeypatch):
+    """The default small-problem threshold applies to backend="auto" only; a named backend is honoured."""
+    from types import SimpleNamespace
+
+    from visattn.methods import routing as rmod
+
+    grid = core.make_region_grid((14, 14), 7)
+    real_order = core.token_order(grid, 0, 196, "cpu")
+    monkeypatch.setattr(core, "token_order", lambda *a, **kw: real_order)  # no CUDA needed for the decision
+    monkeypatch.setattr(rl, "get_plan", lambda *a, **kw: None)
+    monkeypatch.setattr(rmod, "_DECISIONS", {})  # keep the fake decisions out of the real cache
+    q = SimpleNamespace(shape=(1, 2, 196, 8), device=torch.device("cuda"))
+    assert rmod._decide(grid, 0, q, "auto", None, None, False, "auto")[-1] == core.DENSE_SCORES_THRESHOLD
+    assert rmod._decide(grid, 0, q, "auto", None, None, False, "triton")[-1] == 0

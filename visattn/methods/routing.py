@@ -43,17 +43,18 @@ _DECISIONS: dict = {}
 
 
 def _decide(grid: core.RegionGrid, spatial_start: int, q: torch.Tensor, strategy: str, block_size: Optional[int],
-            dense_threshold: Optional[int], mask_padding: bool):
-    """Path, block, token order and plan for one call geometry (cached: the per-call Python work is a dict hit)."""
+            dense_threshold: Optional[int], mask_padding: bool, backend: str = "auto"):
+    """Path, block, token order and plan for one call geometry (cached: the per-call Python work is a dict hit).
+    The default small-problem threshold applies with ``backend="auto"`` only: a named backend is honoured."""
     B, H, N, _ = q.shape
-    key = (grid, spatial_start, B, H, N, q.device, strategy, block_size, dense_threshold, mask_padding,
+    key = (grid, spatial_start, B, H, N, q.device, strategy, block_size, dense_threshold, mask_padding, backend,
            core.DENSE_SCORES_THRESHOLD, core.DENSE_MASK_MAX_ELEMS, core.DENSE_MAX_TOKENS)
     d = _DECISIONS.get(key)
     if d is None:
         order = core.token_order(grid, spatial_start, N, q.device)
         thr = dense_threshold
         if thr is None:
-            thr = core.DENSE_SCORES_THRESHOLD if q.device.type == "cuda" else 0
+            thr = core.DENSE_SCORES_THRESHOLD if (q.device.type == "cuda" and backend == "auto") else 0
         path, block, reason = core._choose(grid, order.num_work, strategy, block_size, B * H, thr, B)
         plan = None if path == "dense" else rl.get_plan(grid, spatial_start, N, block, mask_padding=mask_padding,
                                                         device=q.device)
@@ -73,7 +74,7 @@ def _routed_attention(q, k, v, grid: core.RegionGrid, topk: int, *, scale: float
     """
     B, H, N, _ = q.shape
     order, path, block, reason, plan, thr = _decide(grid, spatial_start, q, strategy, block_size, dense_threshold,
-                                                    mask_padding)
+                                                    mask_padding, backend)
     nw = order.num_work
     core.log_strategy(grid, path, block, nw, reason, B * H * nw * nw, thr)
 
@@ -124,8 +125,8 @@ def bilevel_routing_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k/v may have fewer heads (GQA). ``routing``: optional precomputed (B|1, S*S, topk) indices.
     ``strategy``: "auto" | "aligned" | "packed" | "dense" (see ``docs/methods/routing.md``).
     ``dense_threshold``: small-problem fallback of ``strategy="auto"``: masked dense SDPA (exact, same result)
-    when ``B * H * Nw**2 <= dense_threshold``; None = ``_routing_core.DENSE_SCORES_THRESHOLD`` on CUDA and 0
-    (off) elsewhere; 0 disables it.
+    when ``B * H * Nw**2 <= dense_threshold``; None = ``_routing_core.DENSE_SCORES_THRESHOLD`` on CUDA with
+    ``backend="auto"`` and 0 (off) elsewhere, including any named backend; 0 disables it.
     Returns ``out`` (B, H, N, D), or ``(out, routing (B, S*S, topk) int64)`` when ``return_routing``.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
