@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from visattn.data.dataset import render_batch
-from visattn.data.shapes import Sample, caption, labels, sample_for_split
+from visattn.data.shapes import Sample, labels, sample_for_split
 
 from .default_model import build_components, make_pipeline
 
@@ -169,6 +169,14 @@ def lr_at(step: int, total: int, warmup: int, time_frac: float = 0.0) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU tensor -> ``device`` without stalling the host: a pageable host-to-device copy waits for the GPU's
+    queued work, which serialises Python's kernel launches with the GPU once per step; a pinned one does not."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def snr_weight(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample weight of the v-prediction loss: min(snr + 1, gamma) / (snr + 1), a Min-SNR variant that
     down-weights the easy low-noise steps and, unlike min(snr, gamma) / (snr + 1), keeps full weight at the
@@ -296,7 +304,7 @@ def train_unet(comps: dict, lat: dict[int, torch.Tensor], ids: dict[int, torch.T
         variant = torch.multinomial(torch.tensor([0.5, 0.4, 0.1]), bs, replacement=True, generator=gen)
         drop = torch.rand(bs, generator=gen) < cfg.cfg_drop
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (bs,), generator=gen)
-        idx_d, variant_d, drop_d, t_d = idx.to(device), variant.to(device), drop.to(device), t.to(device)
+        idx_d, variant_d, drop_d, t_d = (to_device_async(x, device) for x in (idx, variant, drop, t))
         x0 = lat[res][idx_d].float()
         tok = ids_dev[res][idx_d, variant_d]
         tok = torch.where(drop_d[:, None], empty.expand_as(tok), tok)
