@@ -170,8 +170,9 @@ def lr_at(step: int, total: int, warmup: int, time_frac: float = 0.0) -> float:
 
 
 def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """CPU tensor -> ``device`` without stalling the host: a pageable host-to-device copy waits for the GPU's
-    queued work, which serialises Python's kernel launches with the GPU once per step; a pinned one does not."""
+    """CPU tensor -> ``device`` without stalling the host: a blocking ``.to("cuda")`` synchronises the stream
+    (waits for all queued GPU work), which serialises Python's kernel launches with the GPU once per step;
+    a non-blocking copy from pinned memory does not."""
     if device.type != "cuda":
         return x.to(device)
     return x.pin_memory().to(device, non_blocking=True)
