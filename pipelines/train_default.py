@@ -211,7 +211,7 @@ def train_vae(vae, data: dict[int, torch.Tensor], cfg: TrainConfig, out: Path, d
         res = 256 if (step % 4 == 3 and 256 in data) else 128
         bs = cfg.vae_batch if res == 128 else max(1, cfg.vae_batch // 4)
         idx = torch.randint(0, data[res].shape[0], (bs,), generator=gen)
-        x = to_float(data[res][idx.to(data[res].device)].to(device))
+        x = to_float(data[res][to_device_async(idx, data[res].device)].to(device))
         for g in opt.param_groups:
             g["lr"] = cfg.vae_lr * lr_at(step, cfg.vae_steps, 100, (time.time() - t0) / cfg.vae_time)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -362,7 +362,7 @@ def train_classifier(clf, vae, cfg: TrainConfig, out: Path, device: torch.device
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7 + 3)
     t0, step, loss_ema = time.time(), 0, None
     while step < cfg.clf_steps and time.time() - t0 < cfg.clf_time:
-        idx = torch.randint(0, imgs_t.shape[0], (cfg.clf_batch,), generator=gen).to(device)
+        idx = to_device_async(torch.randint(0, imgs_t.shape[0], (cfg.clf_batch,), generator=gen), device)
         x = to_float(imgs_t[idx])
         if step % 2 == 1:
             with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -383,9 +383,9 @@ def train_classifier(clf, vae, cfg: TrainConfig, out: Path, device: torch.device
         loss.backward()
         opt.step()
         step += 1
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        loss_ema = loss.detach() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.detach()
         if step % 250 == 0:
-            log(f"classifier step {step} loss {loss_ema:.4f} ({time.time() - t0:.0f}s)", out)
+            log(f"classifier step {step} loss {float(loss_ema):.4f} ({time.time() - t0:.0f}s)", out)
     clf.eval()
     with torch.no_grad():
         vx = torch.from_numpy(vimgs).to(device)
