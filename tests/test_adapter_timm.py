@@ -37,6 +37,7 @@ def _check_parity_and_restore(model, x, expected_layers):
     for m in model.modules():
         assert "forward" not in m.__dict__ and "_visattn_ctx" not in m.__dict__
     assert not model._forward_pre_hooks
+    assert all(not m._forward_pre_hooks for m in model.modules())
     return rec
 
 
@@ -98,3 +99,50 @@ def test_causal_flag_becomes_mask():
         with visattn.apply(model, "dense"):
             out = attn(x, is_causal=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def _tiny_eva(**kw):
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    args = dict(img_size=(32, 48), patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5,
+                use_rot_pos_emb=True, qkv_bias=True)
+    args.update(kw)
+    return Eva(**args).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(qkv_fused=False), dict(attn_type="rope", num_reg_tokens=2),
+                                dict(attn_type="rope", qkv_fused=False, num_kv_heads=1)],
+                         ids=["eva", "eva-unfused", "attention-rope-registers", "attention-rope-gqa"])
+def test_eva_and_rope_attention_parity_and_geometry(kw):
+    """EVA (EvaAttention, q/v-only bias) and timm's AttentionRope (registers, GQA): the rotary embedding is applied
+    before the method, Dense equals the model, remove() restores it, and the grid is the patch grid."""
+    try:
+        model = _tiny_eva(**kw)
+    except TypeError as e:  # an older timm without this option
+        pytest.skip(f"timm Eva does not take {kw}: {e}")
+    for blk in model.blocks:  # non-zero q/v biases so that the bias path is exercised
+        for name in ("q_bias", "v_bias"):
+            if getattr(blk.attn, name, None) is not None:
+                torch.nn.init.normal_(getattr(blk.attn, name), std=0.1)
+    rec = _check_parity_and_restore(model, torch.randn(2, 3, 32, 48), expected_layers=2)
+    g = rec.log[0][0]
+    assert g.grid == (4, 6) and g.spatial_start == model.num_prefix_tokens and g.seq_len == 24 + g.spatial_start
+
+
+def test_eva_neighborhood_full_kernel_is_dense_and_small_kernel_is_local():
+    """Neighborhood attention on EVA: a kernel covering the grid equals the model's features; a 3x3 window
+    changes them (the prefix token stays global, so the features stay finite and of the same shape)."""
+    from visattn.methods import Neighborhood
+
+    model = _tiny_eva()
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        ref = model.forward_features(x)
+        with visattn.apply(model, Neighborhood(kernel_size=(4, 6))):
+            full = model.forward_features(x)
+        with visattn.apply(model, Neighborhood(kernel_size=3)):
+            local = model.forward_features(x)
+    torch.testing.assert_close(full, ref, atol=1e-5, rtol=0)
+    rel = ((local - ref).norm() / ref.norm()).item()
+    assert local.shape == ref.shape and torch.isfinite(local).all() and rel > 1e-3, rel  # 0.0 if not applied

@@ -1,7 +1,9 @@
-"""timm adapter: instance-level ``forward`` on ``timm.layers.Attention`` (ViT family) and Swin ``WindowAttention``.
+"""timm adapter: instance-level ``forward`` on ``timm.layers.Attention`` (ViT family), EVA's ``EvaAttention`` and
+timm's ``AttentionRope`` (rotary embeddings, applied before the method sees q/k) and Swin ``WindowAttention``.
 
-Geometry: a forward pre-hook on the model reads the input image size and maps it through
-``patch_embed.dynamic_feat_size`` (``grid_size`` for other patch embedders); ViT sequences are
+Geometry: a forward pre-hook on the model's ``patch_embed`` (the model itself if it has none) reads the input
+image size and maps it through ``patch_embed.dynamic_feat_size`` (``grid_size`` for other patch embedders),
+so ``forward_features`` and ``forward_intermediates`` see it too; ViT sequences are
 ``[num_prefix_tokens (cls/registers)][grid, row-major]``. Swin attention runs per window: its grid is the
 module's ``window_size`` and the relative-position bias (+ shift mask) is passed as ``attn_mask``.
 ``remove`` deletes the instance ``forward`` (the class method shows through again) and the hook.
@@ -28,6 +30,16 @@ def supported_classes() -> dict:
         from timm.models.swin_transformer import WindowAttention
         table[WindowAttention] = _swin_forward
     except ImportError:  # pragma: no cover
+        pass
+    try:
+        from timm.models.eva import EvaAttention
+        table[EvaAttention] = _rope_forward
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from timm.layers.attention import AttentionRope
+        table[AttentionRope] = _rope_forward
+    except ImportError:  # pragma: no cover - older timm
         pass
     return table
 
@@ -84,6 +96,60 @@ def _vit_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
     return self.proj_drop(x)
 
 
+def _rope_qkv(self, x: torch.Tensor, rope: Optional[torch.Tensor]):
+    """q, k, v (B, H, N, D) of EVA's ``EvaAttention`` / timm's ``AttentionRope``: fused or separate projections,
+    EVA's q/v-only bias, q/k norms, rotary embedding on the grid tokens (prefix tokens unrotated), GQA heads
+    expanded the way timm does it."""
+    from timm.layers import apply_rot_embed_cat
+
+    B, N, _ = x.shape
+    kv_heads = getattr(self, "num_kv_heads", self.num_heads)
+    if self.qkv is not None:
+        q_bias = getattr(self, "q_bias", None)
+        if q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv_bias = torch.cat((q_bias, self.k_bias, self.v_bias))
+            if getattr(self, "qkv_bias_separate", False):
+                qkv = self.qkv(x) + qkv_bias
+            else:
+                qkv = torch.nn.functional.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+        k = self.k_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+        v = self.v_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+    q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:
+        npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    groups = self.num_heads // kv_heads
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return q, k, v
+
+
+def _rope_forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
+                  attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    """``EvaAttention`` / ``AttentionRope`` forward with the attention itself swapped for the method."""
+    ctx: LayerCtx = self._visattn_ctx
+    B, N, _ = x.shape
+    gate_mod = getattr(self, "gate", None)
+    gate = gate_mod(x).sigmoid() if gate_mod is not None else None
+    q, k, v = _rope_qkv(self, x, rope)
+    if is_causal:
+        causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+        attn_mask = causal if attn_mask is None else attn_mask.masked_fill(~causal, float("-inf"))
+    st = ctx.state
+    grid = st.grid if st.grid is not None and st.spatial_start + math.prod(st.grid) == N else None
+    x = ctx.attend(q, k, v, ctx.geometry(q, k, grid=grid, spatial_start=st.spatial_start), attn_mask=attn_mask)
+    x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
+    if gate is not None:
+        x = x * gate
+    return self.proj_drop(self.proj(x))
+
+
 def _swin_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
     ctx: LayerCtx = self._visattn_ctx
     B_, N, C = x.shape
@@ -133,7 +199,10 @@ def install(target: Any, model: torch.nn.Module, chosen: list, method: Attention
                 mod.__dict__.pop("_visattn_ctx", None)
 
             inst.undo.append(undo)
-        h = model.register_forward_pre_hook(_capture_hook(model, state), with_kwargs=True)
+        # on the patch embedder when there is one, so forward_features / forward_intermediates see the grid too
+        hooked = getattr(model, "patch_embed", None)
+        hooked = hooked if isinstance(hooked, torch.nn.Module) else model
+        h = hooked.register_forward_pre_hook(_capture_hook(model, state), with_kwargs=True)
         inst.undo.append(h.remove)
     except BaseException:
         inst.remove()
