@@ -121,7 +121,8 @@ class BlockLayout:
         if self.perm_q is None:
             return None
         if "inv_q" not in self._cache:
-            self._cache["inv_q"] = torch.argsort(self.perm_q)
+            with torch.inference_mode(False):  # cached: must also serve later autograd calls
+                self._cache["inv_q"] = torch.argsort(self.perm_q)
         return self._cache["inv_q"]
 
     def check_compatible(self, batch: int, heads: int, seq_len_q: int, seq_len_k: int) -> None:
@@ -336,6 +337,9 @@ class BlockLayout:
             if self.perm_k is not None:
                 dense = dense[:, :, :, torch.argsort(self.perm_k)]
         if dense.numel() <= 1 << 24:  # keep small expansions only; large ones would pin N x N memory on the layout
+            if dense.is_inference():  # built under inference_mode: cache a plain copy that autograd can save
+                with torch.inference_mode(False):
+                    dense = dense.clone()
             self._cache[key] = dense
         return dense
 

@@ -356,7 +356,8 @@ def get_layout(spec: NASpec, block_size: Tuple[int, int], device, *, kernel_orde
     if key in _CACHE:
         _CACHE.move_to_end(key)
     else:
-        _CACHE[key] = _build(spec, tuple(block_size), device)
+        with torch.inference_mode(False):  # cached tensors must also serve later autograd calls
+            _CACHE[key] = _build(spec, tuple(block_size), device)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return _CACHE[key][1 if kernel_order else 0]

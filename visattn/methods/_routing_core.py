@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._cache import plain_tensors
+
 from ..kernels.layout import BlockLayout
 
 logger = logging.getLogger("visattn")
@@ -133,6 +135,7 @@ def region_means(x: torch.Tensor, grid: RegionGrid, spatial_start: int, *, mask_
 
 
 @lru_cache(maxsize=64)
+@plain_tensors
 def _valid_counts_cpu(h: int, w: int, s: int) -> torch.Tensor:
     g = RegionGrid(h, w, s)
     ys = torch.arange(g.padded_hw[0]) < h
@@ -144,6 +147,7 @@ def _valid_counts_cpu(h: int, w: int, s: int) -> torch.Tensor:
 _VALID_DEV_CACHE: dict = {}
 
 
+@plain_tensors
 def region_valid_counts(grid: RegionGrid, device) -> torch.Tensor:
     """Number of real (non-padding) cells in each region, (S*S,) int64 (cached per device: no per-call copy)."""
     key = (grid.height, grid.width, grid.num_regions, str(torch.device(device)))
@@ -170,6 +174,7 @@ def region_sums(x: torch.Tensor, grid: RegionGrid, spatial_start: int, *, dtype:
 _ZERO_CACHE: dict = {}
 
 
+@plain_tensors
 def _zero(device, dtype) -> torch.Tensor:
     key = (str(device), dtype)
     z = _ZERO_CACHE.get(key)
@@ -245,6 +250,7 @@ class TokenOrder:
 
 
 @lru_cache(maxsize=64)
+@plain_tensors
 def _token_order_cpu(h: int, w: int, s: int, spatial_start: int, seq_len: int) -> TokenOrder:
     g = RegionGrid(h, w, s)
     hp, wp = g.padded_hw
@@ -273,6 +279,7 @@ def _token_order_cpu(h: int, w: int, s: int, spatial_start: int, seq_len: int) -
 _ORDER_DEV_CACHE: dict = {}
 
 
+@plain_tensors
 def token_order(grid: RegionGrid, spatial_start: int, seq_len: int, device) -> TokenOrder:
     """Cached :class:`TokenOrder` on ``device``."""
     key = (grid.height, grid.width, grid.num_regions, spatial_start, seq_len, str(torch.device(device)))

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
 import torch
+
+from ._cache import plain_tensors
 import torch.nn.functional as F
 
 from ..kernels.layout import BlockLayout, block_lists, pack_bits
@@ -104,6 +106,7 @@ class RoutingPlan:
             return o.reshape(B, H, S, S, rh, rw, D).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, self.num_tokens, D)
         return o.index_select(2, self._inv_n())
 
+    @plain_tensors
     def _inv_n(self) -> torch.Tensor:
         if "inv_n" not in self._static:
             self._static["inv_n"] = self.order.inv[:self.num_tokens].contiguous()
@@ -116,6 +119,7 @@ class RoutingPlan:
             self._build_static()
         return self._static["kcls_cpu"]
 
+    @plain_tensors
     def _build_static(self) -> None:
         o, bs, nb, nw = self.order_cpu, self.block, self.num_blocks, self.num_work
         kpos = torch.arange(nb * bs)
@@ -146,6 +150,7 @@ class RoutingPlan:
         st["extra_blocks"] = torch.arange(Gb, nb)
 
     # ------------------------------------------------------------------------------------ per-batch statics
+    @plain_tensors
     def _batch_static(self, B: int, topk: int) -> dict:
         key = (B, topk)
         if key in self._per_batch:
@@ -226,6 +231,7 @@ def _reorder_ratio() -> float:
 _PLANS: Dict[Tuple, RoutingPlan] = {}
 
 
+@plain_tensors
 def get_plan(grid: "core.RegionGrid", spatial_start: int, seq_len: int, block: int, *, mask_padding: bool,
              device) -> RoutingPlan:
     """Cached :class:`RoutingPlan` for ``grid`` at ``spatial_start`` in a sequence of ``seq_len`` tokens

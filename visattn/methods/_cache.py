@@ -1,0 +1,20 @@
+"""Cached tensors must outlive the mode they were built in: a layout or index table first built under
+``torch.inference_mode()`` would be an inference tensor, and a later autograd call that saves it for backward
+would fail. ``plain_tensors`` builds under ``inference_mode(False)`` so caches hold ordinary tensors."""
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable)
+
+
+def plain_tensors(fn: F) -> F:
+    """Run ``fn`` outside inference mode (its results may be cached and reused under autograd)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
