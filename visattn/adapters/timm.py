@@ -75,25 +75,31 @@ def plan(model: torch.nn.Module, layers) -> list:
 
 
 def _vit_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-    ctx: LayerCtx = self._visattn_ctx
-    B, N, C = x.shape
-    gate_mod = getattr(self, "gate", None)  # gated attention (newer timm)
-    gate = gate_mod(x).sigmoid() if gate_mod is not None else None
+    B, N, _ = x.shape
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
+    return _attend_and_project(self, x, q, k, v, attn_mask, is_causal)
+
+
+def _attend_and_project(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+    """The shared tail of the ViT-family forwards: the method on the patch grid (prefix tokens global), then the
+    module's norm, optional gate (newer timm), output projection and dropout."""
+    ctx: LayerCtx = self._visattn_ctx
+    B, N, _ = x.shape
+    gate_mod = getattr(self, "gate", None)
+    gate = gate_mod(x).sigmoid() if gate_mod is not None else None
     if is_causal:
         causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
         attn_mask = causal if attn_mask is None else attn_mask.masked_fill(~causal, float("-inf"))
     st = ctx.state
     grid = st.grid if st.grid is not None and st.spatial_start + math.prod(st.grid) == N else None
-    x = ctx.attend(q, k, v, ctx.geometry(q, k, grid=grid, spatial_start=st.spatial_start), attn_mask=attn_mask)
-    x = x.transpose(1, 2).reshape(B, N, getattr(self, "attn_dim", C))
-    x = self.norm(x)
+    out = ctx.attend(q, k, v, ctx.geometry(q, k, grid=grid, spatial_start=st.spatial_start), attn_mask=attn_mask)
+    out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
     if gate is not None:
-        x = x * gate
-    x = self.proj(x)
-    return self.proj_drop(x)
+        out = out * gate
+    return self.proj_drop(self.proj(out))
 
 
 def _rope_qkv(self, x: torch.Tensor, rope: Optional[torch.Tensor]):
@@ -133,21 +139,8 @@ def _rope_qkv(self, x: torch.Tensor, rope: Optional[torch.Tensor]):
 def _rope_forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
                   attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
     """``EvaAttention`` / ``AttentionRope`` forward with the attention itself swapped for the method."""
-    ctx: LayerCtx = self._visattn_ctx
-    B, N, _ = x.shape
-    gate_mod = getattr(self, "gate", None)
-    gate = gate_mod(x).sigmoid() if gate_mod is not None else None
     q, k, v = _rope_qkv(self, x, rope)
-    if is_causal:
-        causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
-        attn_mask = causal if attn_mask is None else attn_mask.masked_fill(~causal, float("-inf"))
-    st = ctx.state
-    grid = st.grid if st.grid is not None and st.spatial_start + math.prod(st.grid) == N else None
-    x = ctx.attend(q, k, v, ctx.geometry(q, k, grid=grid, spatial_start=st.spatial_start), attn_mask=attn_mask)
-    x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
-    if gate is not None:
-        x = x * gate
-    return self.proj_drop(self.proj(x))
+    return _attend_and_project(self, x, q, k, v, attn_mask, is_causal)
 
 
 def _swin_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
