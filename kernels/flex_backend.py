@@ -32,6 +32,11 @@ def _block_id_map(layout: BlockLayout) -> torch.Tensor:
     """int32 (Bl, Hl, nQB, nKB): -1 empty, -2 full, else the partial block's row in ``mask_table``."""
     if "flex_ids" in layout._cache:
         return layout._cache["flex_ids"]
+    with torch.inference_mode(False):  # cached on the layout: must also serve later autograd calls
+        return _build_block_id_map(layout)
+
+
+def _build_block_id_map(layout: BlockLayout) -> torch.Tensor:
     cls_ = layout.block_classes()
     ids = torch.full(cls_.shape, -1, dtype=torch.int32, device=layout.device)
     ids[cls_ == 2] = -2
@@ -71,6 +76,11 @@ def to_flex_block_mask(layout: BlockLayout):
     """The layout as a torch FlexAttention ``BlockMask`` (kernel order; cached on the layout)."""
     if "flex_block_mask" in layout._cache:
         return layout._cache["flex_block_mask"]
+    with torch.inference_mode(False):  # cached on the layout: must also serve later autograd calls
+        return _build_flex_block_mask(layout)
+
+
+def _build_flex_block_mask(layout: BlockLayout):
     fa = _flex_module()
     nkb = layout.num_k_blocks
 

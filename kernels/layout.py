@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -120,10 +120,14 @@ class BlockLayout:
     def inv_perm_q(self) -> Optional[torch.Tensor]:
         if self.perm_q is None:
             return None
-        if "inv_q" not in self._cache:
+        inv = self._cache.get("inv_q")
+        if inv is None:
             with torch.inference_mode(False):  # cached: must also serve later autograd calls
-                self._cache["inv_q"] = torch.argsort(self.perm_q)
-        return self._cache["inv_q"]
+                inv = torch.argsort(self.perm_q)
+            # inside a CUDA-graph capture the argsort only runs at replay: never cache such a tensor
+            if not (inv.is_cuda and torch.cuda.is_current_stream_capturing()):
+                self._cache["inv_q"] = inv
+        return inv
 
     def check_compatible(self, batch: int, heads: int, seq_len_q: int, seq_len_k: int) -> None:
         """Raise ``ValueError`` if this layout cannot serve q (batch, heads, seq_len_q) / k (seq_len_k)."""

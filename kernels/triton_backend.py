@@ -63,7 +63,7 @@ SHORT_ROW_BLOCKS = 32
 # Env VISATTN_FUSE_PERMUTATION: "1"/"true"/"all" -> True, "q" -> "q", "0"/"false"/"copy" -> False, unset -> "auto".
 _FUSE_ENV = os.environ.get("VISATTN_FUSE_PERMUTATION", "auto").strip().lower()
 _FUSE_ENV_VALUES = {"": "auto", "auto": "auto", "q": "q", "1": True, "true": True, "all": True,
-                    "0": False, "false": False, "copy": False, "copies": False}
+                    "0": False, "false": False, "none": False, "copy": False, "copies": False}
 if _FUSE_ENV not in _FUSE_ENV_VALUES:
     raise ValueError(f"VISATTN_FUSE_PERMUTATION={_FUSE_ENV!r} is not understood "
                      f"(allowed: {', '.join(repr(k) for k in _FUSE_ENV_VALUES if k)}, or unset for 'auto')")

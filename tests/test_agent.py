@@ -349,7 +349,7 @@ def test_fused_triton_merge_matches_torch_merge(dtype):
 
 
 def test_graph_runner_is_bounded():
-    """More captured shapes than ``max_entries`` drop every graph (and the shared pool) before capturing anew."""
+    """More captured shapes than ``max_entries``: the oldest graph is dropped before a new one is captured."""
     from visattn.methods._agent_graph import GraphRunner, _Entry
 
     class _FakeGraph:
@@ -367,4 +367,4 @@ def test_graph_runner_is_bounded():
     for key in ("a", "b", "c"):
         out = runner.run((key,), None, [torch.zeros(1)], torch.zeros(1))
         assert torch.equal(out, torch.ones(1))
-    assert len(runner) == 1 and runner.captures == 3
+    assert len(runner) == 2 and runner.captures == 3 and list(runner._entries) == [("b",), ("c",)]

@@ -25,3 +25,18 @@ def test_inference_mode_first_then_autograd(name, fn):
     out.square().sum().backward()
     torch.testing.assert_close(out.detach(), first, atol=1e-6, rtol=0)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (qg, kg, vg))
+
+
+def test_flex_block_mask_cached_under_inference_mode_holds_plain_tensors():
+    """The FlexAttention BlockMask (and its block-id map) cached on a layout are built outside inference mode, so
+    flex's autograd can save them in a later training call."""
+    from visattn.kernels.flex_backend import _block_id_map, to_flex_block_mask
+    from visattn.kernels.layout import BlockLayout
+
+    lay = BlockLayout.from_mask_mod(lambda b, h, q, k: (q - k).abs() <= 20, batch=None, heads=None, seq_lens=64,
+                                    block_size=16)
+    with torch.inference_mode():
+        bm = to_flex_block_mask(lay)
+        ids = _block_id_map(lay)
+    tensors = [t for t in bm.as_tuple() if isinstance(t, torch.Tensor)] + [ids]
+    assert tensors and not any(t.is_inference() for t in tensors)

@@ -15,7 +15,7 @@ import types
 from typing import Any, List, Optional
 
 import torch
-from timm.layers import Attention
+from timm.layers import Attention, apply_rot_embed_cat
 
 from ..methods.base import AttentionMethod
 from .base import Installed, LayerCtx, RunState, select
@@ -106,8 +106,6 @@ def _rope_qkv(self, x: torch.Tensor, rope: Optional[torch.Tensor]):
     """q, k, v (B, H, N, D) of EVA's ``EvaAttention`` / timm's ``AttentionRope``: fused or separate projections,
     EVA's q/v-only bias, q/k norms, rotary embedding on the grid tokens (prefix tokens unrotated), GQA heads
     expanded the way timm does it."""
-    from timm.layers import apply_rot_embed_cat
-
     B, N, _ = x.shape
     kv_heads = getattr(self, "num_kv_heads", self.num_heads)
     if self.qkv is not None:

@@ -51,7 +51,7 @@ class GraphRunner:
 
     def __init__(self, warmup: int = 2, max_entries: int = 16) -> None:
         self.warmup = warmup
-        self.max_entries = max_entries  # more shapes than this (e.g. many resolutions): drop all and recapture
+        self.max_entries = max_entries  # more shapes than this (e.g. many resolutions): the oldest is dropped
         self._entries: Dict[tuple, _Entry] = {}
         self.failed: Dict[tuple, str] = {}
         self._pools: Dict[torch.device, object] = {}
@@ -75,8 +75,8 @@ class GraphRunner:
             return None
         e = self._entries.get(key)
         if e is None:
-            if len(self._entries) >= self.max_entries:
-                self.clear()  # bounded GPU memory: graphs, their buffers and the shared pool go together
+            if len(self._entries) >= self.max_entries:  # bounded GPU memory: drop the oldest captured shape
+                self._entries.pop(next(iter(self._entries)))
             e = self._capture(key, fn, inputs, perm_host, keep)
             if e is None:
                 return None

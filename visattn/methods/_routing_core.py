@@ -147,13 +147,13 @@ def _valid_counts_cpu(h: int, w: int, s: int) -> torch.Tensor:
 _VALID_DEV_CACHE: dict = {}
 
 
-@plain_tensors
 def region_valid_counts(grid: RegionGrid, device) -> torch.Tensor:
     """Number of real (non-padding) cells in each region, (S*S,) int64 (cached per device: no per-call copy)."""
     key = (grid.height, grid.width, grid.num_regions, str(torch.device(device)))
     t = _VALID_DEV_CACHE.get(key)
     if t is None:
-        t = _VALID_DEV_CACHE[key] = _valid_counts_cpu(grid.height, grid.width, grid.num_regions).to(device)
+        with torch.inference_mode(False):  # cached: plain tensors (see _cache.py)
+            t = _VALID_DEV_CACHE[key] = _valid_counts_cpu(grid.height, grid.width, grid.num_regions).to(device)
         if len(_VALID_DEV_CACHE) > 64:
             _VALID_DEV_CACHE.pop(next(iter(_VALID_DEV_CACHE)))
     return t
@@ -174,12 +174,12 @@ def region_sums(x: torch.Tensor, grid: RegionGrid, spatial_start: int, *, dtype:
 _ZERO_CACHE: dict = {}
 
 
-@plain_tensors
 def _zero(device, dtype) -> torch.Tensor:
     key = (str(device), dtype)
     z = _ZERO_CACHE.get(key)
     if z is None:
-        z = _ZERO_CACHE[key] = torch.zeros((), device=device, dtype=dtype)
+        with torch.inference_mode(False):
+            z = _ZERO_CACHE[key] = torch.zeros((), device=device, dtype=dtype)
     return z
 
 
@@ -279,14 +279,14 @@ def _token_order_cpu(h: int, w: int, s: int, spatial_start: int, seq_len: int) -
 _ORDER_DEV_CACHE: dict = {}
 
 
-@plain_tensors
 def token_order(grid: RegionGrid, spatial_start: int, seq_len: int, device) -> TokenOrder:
     """Cached :class:`TokenOrder` on ``device``."""
     key = (grid.height, grid.width, grid.num_regions, spatial_start, seq_len, str(torch.device(device)))
     if key not in _ORDER_DEV_CACHE:
         o = _token_order_cpu(grid.height, grid.width, grid.num_regions, spatial_start, seq_len)
-        _ORDER_DEV_CACHE[key] = TokenOrder(*(t.to(device) for t in (o.perm, o.group_k, o.group_w, o.pad_w)),
-                                           o.num_tokens, o.num_work, o.num_grid, o.inv.to(device), o.key)
+        with torch.inference_mode(False):
+            _ORDER_DEV_CACHE[key] = TokenOrder(*(t.to(device) for t in (o.perm, o.group_k, o.group_w, o.pad_w)),
+                                               o.num_tokens, o.num_work, o.num_grid, o.inv.to(device), o.key)
         if len(_ORDER_DEV_CACHE) > 64:
             _ORDER_DEV_CACHE.pop(next(iter(_ORDER_DEV_CACHE)))
     return _ORDER_DEV_CACHE[key]

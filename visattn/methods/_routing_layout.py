@@ -106,10 +106,10 @@ class RoutingPlan:
             return o.reshape(B, H, S, S, rh, rw, D).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, self.num_tokens, D)
         return o.index_select(2, self._inv_n())
 
-    @plain_tensors
     def _inv_n(self) -> torch.Tensor:
         if "inv_n" not in self._static:
-            self._static["inv_n"] = self.order.inv[:self.num_tokens].contiguous()
+            with torch.inference_mode(False):  # cached: plain tensors (see _cache.py)
+                self._static["inv_n"] = self.order.inv[:self.num_tokens].contiguous()
         return self._static["inv_n"]
 
     # ------------------------------------------------------------------------------------ static key blocks
@@ -150,11 +150,15 @@ class RoutingPlan:
         st["extra_blocks"] = torch.arange(Gb, nb)
 
     # ------------------------------------------------------------------------------------ per-batch statics
-    @plain_tensors
     def _batch_static(self, B: int, topk: int) -> dict:
         key = (B, topk)
         if key in self._per_batch:
             return self._per_batch[key]
+        return self._build_batch_static(B, topk)
+
+    @plain_tensors
+    def _build_batch_static(self, B: int, topk: int) -> dict:
+        key = (B, topk)
         self.key_classes()
         st = self._static
         dev = self.device
@@ -231,7 +235,6 @@ def _reorder_ratio() -> float:
 _PLANS: Dict[Tuple, RoutingPlan] = {}
 
 
-@plain_tensors
 def get_plan(grid: "core.RegionGrid", spatial_start: int, seq_len: int, block: int, *, mask_padding: bool,
              device) -> RoutingPlan:
     """Cached :class:`RoutingPlan` for ``grid`` at ``spatial_start`` in a sequence of ``seq_len`` tokens
@@ -239,7 +242,7 @@ def get_plan(grid: "core.RegionGrid", spatial_start: int, seq_len: int, block: i
     dev = torch.device(device)
     key = (grid.height, grid.width, grid.num_regions, spatial_start, seq_len, block, bool(mask_padding), _pos_key(dev))
     plan = _PLANS.get(key)
-    if plan is None:
+    if plan is None:  # (the plan's tensors are built lazily, outside inference mode, by its own methods)
         order = core.token_order(grid, spatial_start, seq_len, dev)
         order_cpu = core._token_order_cpu(grid.height, grid.width, grid.num_regions, spatial_start, seq_len)
         R = grid.num_region_total
