@@ -76,6 +76,7 @@ def test_steps_cfg_seed_non_square(pipe):
     assert all(g.batch == 2 for g in first)
     ts = [g.timestep for g in first[::4]]
     assert ts == sorted(ts, reverse=True) and len(set(ts)) == 3
+    assert [g.timestep for g in third[::4]] == [float(t) for t in pipe.scheduler.timesteps]  # the schedule's
     assert [g.step for g in second] == [0] * 4 + [1] * 4 and {g.cfg_chunks for g in second} == {1}
     assert {g.batch for g in second} == {1}
     assert len({g.seed for g in first}) == 1 and first[0].seed == second[0].seed  # same generator seed

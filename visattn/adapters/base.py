@@ -48,32 +48,74 @@ class RunState:
     calls: int = 0                               # denoiser calls in this run
     on_run_start: Optional[Callable[[], None]] = None  # the method's reset()
     _new_run: bool = True
+    # pipeline runs (begin_run from the wrapped scheduler): the schedule, to read timesteps without a host sync,
+    # and the CFG split, detected once per run and batch shape instead of on every call
+    _scheduled: bool = False
+    _schedule_ref: Optional[torch.Tensor] = None
+    _schedule_host: Optional[torch.Tensor] = None
+    _cfg_key: Optional[tuple] = None
 
-    def begin_run(self, num_steps: Optional[int] = None, cfg_enabled: Optional[bool] = None) -> None:
-        """Mark the start of a generation (step counter and seed reset at the next denoiser call)."""
+    def begin_run(self, num_steps: Optional[int] = None, cfg_enabled: Optional[bool] = None,
+                  timesteps: Optional[torch.Tensor] = None) -> None:
+        """Mark the start of a generation (step counter and seed reset at the next denoiser call).
+        ``timesteps``: the scheduler's schedule (read once here, so later calls need no device readback)."""
         self._new_run = True
         self.num_steps = num_steps
         self.cfg_enabled = cfg_enabled
+        self._scheduled, self._cfg_key = True, None
+        ok = isinstance(timesteps, torch.Tensor) and timesteps.dim() == 1 and timesteps.numel() > 0
+        self._schedule_ref = timesteps if ok else None
+        self._schedule_host = timesteps.detach().to("cpu", torch.float64) if ok else None
+
+    def timestep_value(self, t: Any) -> Optional[float]:
+        """The denoiser's ``timestep`` argument as a float. A tensor that views the scheduler's schedule (what
+        pipelines pass: ``timesteps[i]``, possibly ``.expand(B)``) is read from the host copy made in
+        :meth:`begin_run`, without waiting for the GPU; anything else is read from the tensor."""
+        if t is None:
+            return None
+        if isinstance(t, (int, float)):
+            return float(t)
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            return None
+        ref, host = self._schedule_ref, self._schedule_host
+        if (ref is not None and t.device == ref.device and t.dtype == ref.dtype
+                and t.untyped_storage().data_ptr() == ref.untyped_storage().data_ptr()):
+            i, rem = divmod(t.storage_offset() - ref.storage_offset(), ref.stride(0))
+            if rem == 0 and 0 <= i < host.numel():
+                return float(host[i])
+        return float(t.reshape(-1)[0])
 
     def on_denoiser_call(self, timestep: Optional[float], sample: Optional[torch.Tensor]) -> None:
         """Update step/timestep/cfg/seed for one denoiser forward."""
-        self.cfg_chunks = self._detect_cfg(sample)
         new_run = self._new_run or self.step is None or (
             timestep is not None and self.timestep is not None and timestep > self.timestep)
         if new_run:
             if not self._new_run:  # detected by timestep increase: the previous run's step count is stale
                 self.num_steps = None
+                self._scheduled, self._schedule_ref, self._schedule_host = False, None, None
             self._new_run = False
             self.run_index += 1
             self.step, self.calls = 0, 0
+        elif timestep is not None and timestep != self.timestep:
+            self.step += 1
+        self.cfg_chunks = self._cfg_for(sample)
+        if new_run:
             # seed from the noise of the first CFG chunk, so it does not depend on the guidance setting
             self.seed = seed_from_tensor(sample.chunk(self.cfg_chunks)[0]) if sample is not None else None
             if self.on_run_start is not None:
                 self.on_run_start()
-        elif timestep is not None and timestep != self.timestep:
-            self.step += 1
         self.calls += 1
         self.timestep = timestep
+
+    def _cfg_for(self, sample: Optional[torch.Tensor]) -> int:
+        """CFG chunks of this call: in pipeline runs detected once per (run, batch shape) -- batched CFG repeats
+        the latents on every step -- elsewhere on every call."""
+        if self.cfg_override is not None or self.cfg_enabled is False or sample is None or not self._scheduled:
+            return self._detect_cfg(sample)
+        key = (self.run_index, tuple(sample.shape), sample.device)
+        if self._cfg_key is None or self._cfg_key[0] != key:
+            self._cfg_key = (key, self._detect_cfg(sample))
+        return self._cfg_key[1]
 
     def _detect_cfg(self, sample: Optional[torch.Tensor]) -> int:
         if self.cfg_override is not None:

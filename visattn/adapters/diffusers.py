@@ -112,15 +112,10 @@ def _as_tuple(p, n: int) -> tuple:
 
 
 def capture(model: torch.nn.Module, args: Dict[str, Any]) -> Dict[str, Any]:
-    """Geometry of one denoiser call from its bound arguments: grid, latent_hw, timestep, sample."""
+    """Geometry of one denoiser call from its bound arguments: grid, latent_hw, timestep (as passed), sample."""
     x = args.get("sample", args.get("hidden_states"))
     cfg = getattr(model, "config", {}) or {}
-    out: Dict[str, Any] = {"grid": None, "latent_hw": None, "sample": x, "timestep": None}
-    t = args.get("timestep")
-    if isinstance(t, torch.Tensor) and t.numel() > 0:
-        out["timestep"] = float(t.reshape(-1)[0])
-    elif isinstance(t, (int, float)):
-        out["timestep"] = float(t)
+    out: Dict[str, Any] = {"grid": None, "latent_hw": None, "sample": x, "timestep": args.get("timestep")}
     if not isinstance(x, torch.Tensor):
         return out
     name = type(model).__name__
@@ -161,7 +156,7 @@ class _GeometryHook(ModelHook):
             bound = dict(kwargs)
         info = capture(module, bound)
         self.state.grid, self.state.latent_hw = info["grid"], info["latent_hw"]
-        self.state.on_denoiser_call(info["timestep"], info["sample"])
+        self.state.on_denoiser_call(self.state.timestep_value(info["timestep"]), info["sample"])
         return args, kwargs
 
 
@@ -200,7 +195,7 @@ def _wrap_scheduler(pipe: Any, state: RunState, inst: Installed) -> None:
             cfg = pipe.do_classifier_free_guidance
         except Exception:  # property not defined or its inputs not set yet
             cfg = None
-        state.begin_run(n, cfg if isinstance(cfg, bool) else None)
+        state.begin_run(n, cfg if isinstance(cfg, bool) else None, getattr(sched, "timesteps", None))
         return out
 
     sched.set_timesteps = set_timesteps
