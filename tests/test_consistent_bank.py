@@ -170,3 +170,26 @@ def test_bank_memory_from_shapes():
             m(q, q, q, _geom(2, step=step, grid=(12, 12)))
     want = visattn_bank_bytes(96, 96, 3, 1, 1.0, levels=levels, gate=(1.0, 1.0), first_step_plain=False)
     assert bank.nbytes == want["total"]
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8 dtype in this torch")
+def test_fp8_bank_is_read_like_the_rounded_fp16_bank():
+    """An fp8 bank is dequantised when read: the panel equals the explicit reference with fp8-rounded identity
+    tokens, and it differs from plain attention (the bank is really used)."""
+    m = Consistent(sample_rate=0.5, **ALWAYS)
+    bank = IdentityBank("Bob", dtype=torch.float8_e4m3fn)
+    k_id, v_id = _write(m, bank, L=2)
+    assert bank.get(2, 0, UP)[0].dtype == torch.float8_e4m3fn
+    rnd = lambda x: x.to(torch.float8_e4m3fn).to(torch.float64)  # noqa: E731
+    sel = sample_mask(7, 2, (3, 4), 2, 0.5)
+    q, k, v = _t(2, 2, 12, 4, seed=4), _t(2, 2, 12, 4, seed=5), _t(2, 2, 12, 4, seed=6)
+    m.set_read(bank)
+    out = m(q, k, v, _geom(2, seed=99))
+    m.set_batch()
+    for c in range(2):
+        ks = [k[c]] + [rnd(k_id[c * 2 + j][:, sel[j]]) for j in range(2)]
+        vs = [v[c]] + [rnd(v_id[c * 2 + j][:, sel[j]]) for j in range(2)]
+        ref = masked_attention(q[c:c + 1], torch.cat(ks, 1)[None], torch.cat(vs, 1)[None])[0]
+        torch.testing.assert_close(out[c], ref, atol=1e-10, rtol=1e-10)
+        plain = masked_attention(q[c:c + 1], k[c:c + 1], v[c:c + 1])[0]
+        assert (out[c] - plain).abs().max() > 1e-3
