@@ -128,6 +128,7 @@ def test_eva_and_rope_attention_parity_and_geometry(kw):
     rec = _check_parity_and_restore(model, torch.randn(2, 3, 32, 48), expected_layers=2)
     g = rec.log[0][0]
     assert g.grid == (4, 6) and g.spatial_start == model.num_prefix_tokens and g.seq_len == 24 + g.spatial_start
+    assert g.head_dim == 16  # 48 channels / 3 heads
 
 
 def test_eva_neighborhood_full_kernel_is_dense_and_small_kernel_is_local():

@@ -46,6 +46,8 @@ class TokenGeometry:
     #: grid of the model's full-resolution token level (UNet: the latent grid), None when unknown or when the
     #: model has a single resolution; lets a method find a layer's downsampling factor (AgentSD's full-res rule)
     base_grid: Optional[Tuple[int, ...]] = None
+    #: q's head dim when the adapter knows it (block sizes, and so layouts, can depend on it on CUDA)
+    head_dim: Optional[int] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.grid is not None:

@@ -148,7 +148,8 @@ class LayerCtx:
         return TokenGeometry(batch=q.shape[0], heads=q.shape[1], seq_len=q.shape[2], kv_len=k.shape[2], grid=grid,
                              spatial_start=spatial_start if grid is not None else 0, cfg_chunks=s.cfg_chunks,
                              step=s.step, timestep=s.timestep, num_steps=s.num_steps, layer=self.name,
-                             is_cross=self.kind == "cross", seed=s.seed, spans=spans, base_grid=base_grid)
+                             is_cross=self.kind == "cross", seed=s.seed, spans=spans, base_grid=base_grid,
+                             head_dim=q.shape[-1])
 
     def attend(self, q, k, v, geometry: TokenGeometry, scale=None, attn_mask=None) -> torch.Tensor:
         self.last_geometry = geometry

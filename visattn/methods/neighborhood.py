@@ -251,14 +251,15 @@ class Neighborhood(AttentionMethod):
         mm = make_mask_mod(spec)
         return mm(0, 0, torch.tensor(int(query_index)), torch.arange(geometry.kv_len)).expand(geometry.kv_len)
 
-    def layout_stats(self, geometry: TokenGeometry, head_dim: int = 128) -> Optional[dict]:
-        """Block counts of the layout for ``geometry`` with q's ``head_dim`` (on CUDA the block sizes depend
-        on it: 128x64 for some layouts when 64 < D <= 128), plus the block sizes used."""
+    def layout_stats(self, geometry: TokenGeometry, head_dim: Optional[int] = None) -> Optional[dict]:
+        """Block counts of the layout for ``geometry`` with q's head dim (``head_dim``, else the geometry's,
+        else 128; on CUDA the block sizes depend on it: 128x64 for some layouts when 64 < D <= 128), plus the
+        block sizes used."""
         spec = self.spec_for(geometry)
         if spec is None:
             return None
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the method would run
-        bs = _blocks(self.block_size, dev, head_dim, spec)
+        bs = _blocks(self.block_size, dev, head_dim or geometry.head_dim or 128, spec)
         return {**_cached_counts(spec, bs), "block_size": f"{bs[0]}x{bs[1]}"}
 
 
