@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Run GPU work on the device machine (no `pip install -e` there): copy the package into /tmp/pkg the way the
+# wheel lays it out, install carried wheels (diffusers, importlib_metadata in .whl/) into /tmp/site, then run
+# the named jobs in order. Outputs go to $OUT (the device tool brings them back).
+#
+#   bash benchmarks/run_on_device.sh na-a            # NA: forward (3 permutation modes), e2e 2048-px step, fwd+bwd
+#   bash benchmarks/run_on_device.sh na-b            # NA: 64x64 blocks, Flex same layout / untiled / backward
+#   bash benchmarks/run_on_device.sh gpu-tests       # every test marked gpu
+#   bash benchmarks/run_on_device.sh agent routing consistent
+#   bash benchmarks/run_on_device.sh train           # the default model from scratch (about 9 minutes) + its evaluation
+#
+# Each job fits one 10-minute device call; give the call `carry: [".whl"]` when a job needs diffusers.
+set -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/pkg
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+fi
+rm -rf /tmp/pkg/visattn
+cp -r visattn /tmp/pkg/ && cp -r kernels /tmp/pkg/visattn/kernels && cp -r pipelines /tmp/pkg/visattn/pipelines \
+  && cp -r demos /tmp/pkg/visattn/demos && cp -r benchmarks tests /tmp/pkg/ || exit 3
+export PYTHONPATH=/tmp/pkg:/tmp/site
+cd /tmp/pkg || exit 3
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+
+for job in "$@"; do
+  echo "=== $job"
+  case "$job" in
+    na-a) timeout 470 python3 benchmarks/bench_neighborhood.py --sections fwd,e2e,fwdbwd --budget-s 430 \
+            --out "$OUT/na_h100_a.json" 2>&1 | tail -40 ;;
+    na-b) timeout 470 python3 benchmarks/bench_neighborhood.py --sections 64x64,flex,flex-untiled,flex-bwd \
+            --budget-s 430 --out "$OUT/na_h100_b.json" 2>&1 | tail -40 ;;
+    gpu-tests) timeout 500 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -25 ;;
+    agent) timeout 240 python3 benchmarks/bench_agent.py --kernels --out "$OUT/bench_agent_h100.json" 2>&1 | tail -20 ;;
+    routing) timeout 120 python3 benchmarks/bench_routing.py --split --out "$OUT/routing_h100.json" 2>&1 | tail -20 ;;
+    consistent)
+      timeout 120 python3 benchmarks/bench_consistent_attention.py --device cuda \
+        --out "$OUT/consistent_attention_h100.json" 2>&1 | tail -5
+      timeout 240 python3 benchmarks/bench_consistent_memory.py --out "$OUT/consistent_memory_h100.json" 2>&1 | tail -5 ;;
+    train)
+      timeout 560 python3 -m visattn.pipelines.train_default --out /tmp/run --pack-dir "$OUT" 2>&1 \
+        | grep -v -i -E "warn|shards|should be kept" | tee "$OUT/train_stdout.txt" | tail -30
+      python3 -m visattn.pipelines.eval_default --model /tmp/run/shapes_sd \
+        --classifier /tmp/run/shapes_classifier.safetensors --device cuda --n 200 --guidance 4 7.5 \
+        --sizes 128 256 --json "$OUT/eval.json" --grid "$OUT/default_samples.png" --grid-sizes 128 256 512 2>&1 \
+        | grep -v -i -E "warn|Loading|accelerate" | tail -8 ;;
+    *) echo "unknown job $job (allowed: na-a, na-b, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
+  esac
+done
