@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/run_on_device.sh na-a            # NA: forward (3 permutation modes), e2e 2048-px step, fwd+bwd
 #   bash benchmarks/run_on_device.sh na-b            # NA: 64x64 blocks, Flex same layout / untiled / backward
+#   bash benchmarks/run_on_device.sh na-issue        # NA: what the issue names beyond the forward (e2e step, Flex)
 #   bash benchmarks/run_on_device.sh gpu-tests       # every test marked gpu
 #   bash benchmarks/run_on_device.sh agent routing consistent
 #   bash benchmarks/run_on_device.sh train           # the default model from scratch (about 9 minutes) + its evaluation
@@ -31,6 +32,8 @@ for job in "$@"; do
             --out "$OUT/na_h100_a.json" 2>&1 | tail -40 ;;
     na-b) timeout 470 python3 benchmarks/bench_neighborhood.py --sections 64x64,flex,flex-untiled,flex-bwd \
             --budget-s 430 --out "$OUT/na_h100_b.json" 2>&1 | tail -40 ;;
+    na-issue) timeout 560 python3 benchmarks/bench_neighborhood.py --sections e2e,flex,flex-untiled --budget-s 520 \
+            --out "$OUT/na_h100_issue.json" 2>&1 | tail -40 ;;
     gpu-tests) timeout 500 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -25 ;;
     agent) timeout 240 python3 benchmarks/bench_agent.py --kernels --out "$OUT/bench_agent_h100.json" 2>&1 | tail -20 ;;
     routing) timeout 120 python3 benchmarks/bench_routing.py --split --out "$OUT/routing_h100.json" 2>&1 | tail -20 ;;
@@ -45,6 +48,6 @@ for job in "$@"; do
         --classifier /tmp/run/shapes_classifier.safetensors --device cuda --n 200 --guidance 4 7.5 \
         --sizes 128 256 --json "$OUT/eval.json" --grid "$OUT/default_samples.png" --grid-sizes 128 256 512 2>&1 \
         | grep -v -i -E "warn|Loading|accelerate" | tail -8 ;;
-    *) echo "unknown job $job (allowed: na-a, na-b, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
+    *) echo "unknown job $job (allowed: na-a, na-b, na-issue, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
   esac
 done
