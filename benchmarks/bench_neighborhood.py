@@ -17,7 +17,9 @@ would not fit in ``--budget-s`` is skipped and recorded as "skipped: budget"):
   and a (B, N, H*D) output, as in a model) for dense cuDNN and ours in every mode; max error vs fp32 rows.
 - ``e2e``: one denoising step of a tiny-width, full-resolution (2048 px) Flux-style transformer: dense vs NA vs
   GNA vs the ``flux-2k`` preset, time and peak memory, in the ``copy`` mode and the mode that won most forward
-  cases (``--all-modes``: every mode).
+  cases (``--all-modes``: every mode). Per config, one extra step also records the attention calls and their
+  summed GPU time (``*_attn_ms``, ``*_attn_calls``, ``*_backends``), the CPU time to enqueue the step
+  (``*_host_issue_ms``: near the step time means host-bound) and the layout's block counts (``*_layout``).
 - ``fwdbwd``: forward+backward, dense cuDNN and flash, ours in ``copy`` and the case's fastest forward mode
   (``--all-modes``: every mode).
 - ``64x64``: ours with 64x64 blocks (NA cases).
@@ -440,6 +442,74 @@ def section_fwdbwd(c: Case, rec: Recorder, reps: int, flex: bool = False, all_mo
         rec.save()
 
 
+@contextlib.contextmanager
+def attention_probe(cuda: bool):
+    """Inside the block, every attention call of a model (dense ``F.scaled_dot_product_attention`` or a visattn
+    layer call, the outermost one only) is timed (CUDA events: the GPU-timeline span from just before the call's
+    first kernel to just after its last; CPU: wall time) and counted, and the block-sparse backend each
+    neighborhood call picks is recorded. Yields ``{"spans": [...], "backends": [...]}``; read after a sync."""
+    from visattn.adapters.base import LayerCtx
+    from visattn.kernels import dispatch
+    from visattn.methods import neighborhood as nbm
+
+    rec = {"spans": [], "backends": []}
+    depth = [0]
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            if depth[0]:
+                return fn(*a, **k)
+            depth[0] += 1
+            try:
+                if cuda:
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    out = fn(*a, **k)
+                    e.record()
+                    rec["spans"].append((s, e))
+                else:
+                    t0 = time.perf_counter()
+                    out = fn(*a, **k)
+                    rec["spans"].append((time.perf_counter() - t0) * 1e3)
+                return out
+            finally:
+                depth[0] -= 1
+        return wrapper
+
+    def bsa(q, k, v, layout, **kw):
+        be = kw.get("backend", "auto")
+        rec["backends"].append(dispatch._pick_auto(q, layout, False) if be == "auto" else be)
+        return saved_bsa(q, k, v, layout, **kw)
+
+    saved_sdpa, saved_attend, saved_bsa = F.scaled_dot_product_attention, LayerCtx.attend, nbm.block_sparse_attention
+    F.scaled_dot_product_attention, LayerCtx.attend = timed(saved_sdpa), timed(saved_attend)
+    nbm.block_sparse_attention = bsa
+    try:
+        yield rec
+    finally:
+        F.scaled_dot_product_attention, LayerCtx.attend = saved_sdpa, saved_attend
+        nbm.block_sparse_attention = saved_bsa
+
+
+def attention_breakdown(step: Callable[[], object], cuda: bool) -> dict:
+    """One extra step with :func:`attention_probe`: attention calls, their summed time (``attn_ms``), the CPU time
+    until ``step()`` returns (``host_issue_ms``: the time to enqueue the step; when it is close to the timed step
+    the step is host-bound and GPU savings cannot show), the whole step (``step_ms``) and the backends used."""
+    if cuda:
+        torch.cuda.synchronize()
+    with attention_probe(cuda) as rec:
+        t0 = time.perf_counter()
+        step()
+        host = (time.perf_counter() - t0) * 1e3
+        if cuda:
+            torch.cuda.synchronize()
+        total = (time.perf_counter() - t0) * 1e3
+    spans = [s.elapsed_time(e) for s, e in rec["spans"]] if cuda else rec["spans"]
+    backends = sorted(set(rec["backends"]))
+    return {"attn_calls": len(spans), "attn_ms": float(sum(spans)), "host_issue_ms": host, "step_ms": total,
+            "block_sparse_calls": len(rec["backends"]), "backends": ",".join(backends) or "-"}
+
+
 def run_e2e(device: str, dtype, reps: int, rec: Recorder, res_px: int = 2048, all_modes: bool = False) -> None:
     """One denoising step of a tiny-width, full-resolution Flux-style transformer (2048 px -> 128x128 tokens)."""
     import visattn
@@ -480,6 +550,15 @@ def run_e2e(device: str, dtype, reps: int, rec: Recorder, res_px: int = 2048, al
             out[f"{tag}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if isinstance(out.get(f"{tag}_ms"), float) and isinstance(out.get("dense_ms"), float) and tag != "dense":
             rec.put(out, f"{tag}_speedup_x", out["dense_ms"] / out[f"{tag}_ms"], "e2e")
+        # where the step's time goes (one extra, untimed-above step): attention share, host issue time, backends
+        br = _try(lambda: attention_breakdown(step, cuda))
+        if isinstance(br, dict):
+            for key, val in br.items():
+                out[f"{tag}_{key}"] = val
+            log(f"e2e {tag}: {br}")
+            rec.save()
+        else:
+            rec.put(out, f"{tag}_breakdown", br, "e2e")
 
     measure("dense")
     configs = [("na", dict(kernel_size=kern)), ("gna", dict(kernel_size=kern, stride=stride)),
@@ -490,7 +569,11 @@ def run_e2e(device: str, dtype, reps: int, rec: Recorder, res_px: int = 2048, al
     modes = _modes_after_fwd({"best_mode": top}, all_modes) if (cuda or _interpreter()) else ("copy",)
     out["modes"] = list(modes)
     for tag, kw in configs:
-        with visattn.apply(model, "neighborhood", **kw):
+        with visattn.apply(model, "neighborhood", **kw) as handle:
+            step()  # geometries for the block counts (and the layout built before timing)
+            geos = [g for g in handle.geometries().values() if g is not None]
+            stats = [handle.method.layout_stats(g) for g in geos]
+            out[f"{tag}_layout"] = stats[0] if stats and all(st == stats[0] for st in stats) else stats
             for mode in modes:
                 with perm_mode(mode):
                     measure(f"{tag}_{mode}")

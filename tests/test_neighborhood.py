@@ -493,3 +493,26 @@ def test_neighborhood_layout_on_cuda_needs_head_dim_or_block_size():
 
     with pytest.raises(ValueError, match="head_dim"):
         neighborhood_layout((16, 16), 5, device="cuda")
+
+
+def test_benchmark_e2e_step_uses_neighborhood_in_every_flux_layer(tmp_path):
+    """The e2e section (tiny Flux-style model, CPU-sized) runs our block-sparse path in all 6 joint-attention
+    layers with the NA configs (dense SDPA in none of them), and plain SDPA in all 6 for the dense baseline;
+    it records the attention share, the host issue time and the layout's block counts per config."""
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_neighborhood.py")
+    spec_ = importlib.util.spec_from_file_location("bench_neighborhood", path)
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    bench.main(["--e2e-only", "--fresh", "--reps", "1", "--warmup", "0", "--out", str(tmp_path / "e.json")])
+    e = json.load(open(tmp_path / "e.json"))["e2e"]
+    assert "error" not in e, e.get("error")
+    assert (e["dense_attn_calls"], e["dense_block_sparse_calls"]) == (6, 0)
+    for tag in ("na", "gna", "flux2k"):
+        assert (e[f"{tag}_copy_attn_calls"], e[f"{tag}_copy_block_sparse_calls"]) == (6, 6), tag
+        assert e[f"{tag}_copy_backends"] == "sdpa"  # CPU; "triton" on CUDA
+        lay = e[f"{tag}_layout"]
+        assert isinstance(lay, dict) and 0 < lay["density"] < 1 and lay["full"] + lay["partial"] > 0
+        assert e[f"{tag}_copy_host_issue_ms"] > 0 and 0 < e[f"{tag}_copy_attn_ms"] < e[f"{tag}_copy_step_ms"]
