@@ -2,6 +2,7 @@
 and a rerun with the same folder resumes from the stage checkpoints instead of training again."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -46,3 +47,69 @@ def test_tiny_training_run_exports_and_resumes(tmp_path, one_thread):
     log_after = (tmp_path / "train_log.txt").read_text()[len(log_before):]
     assert "vae: done (resumed)" in log_after and "unet: done (resumed)" in log_after
     assert "classifier: done (resumed)" in log_after
+
+
+def _tiny_trainer(device: torch.device, graphs: bool):
+    from diffusers import DDPMScheduler
+
+    from visattn.pipelines.default_model import build_components
+
+    cfg = td.TrainConfig(**{**td.PRESETS["tiny"], "unet_batch": 4, "cuda_graphs": graphs})
+    comps = build_components(0, unet=cfg.unet, vae=cfg.vae, text=cfg.text)
+    unet, te = comps["unet"].to(device).train(), comps["text_encoder"].to(device).train()
+    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    lat = {128: torch.randn(16, 4, 32, 32, generator=gen).to(device)}
+    ids = {128: td.tokenize(comps["tokenizer"], ["a red circle"] * 48).view(16, 3, -1).to(device)}
+    empty = td.tokenize(comps["tokenizer"], [""])[0]
+    ab = DDPMScheduler.from_config(comps["scheduler"].config).alphas_cumprod
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    return td.UNetStep(unet, te, ema_u, ema_t, ab, lat, ids, empty, cfg, device, amp, graphs=graphs)
+
+
+def _check_step_semantics(trainer) -> None:
+    """One step: the EMA becomes decay * ema + (1 - decay) * new params; with lr 0 the params stay put."""
+    trainer.set_schedule(1.0, 5)
+    decay = min(trainer.cfg.ema_decay, 6 / 15)
+    ema0 = [p.detach().clone() for p in trainer.ema_params]
+    p0 = [p.detach().clone() for p in trainer.params]
+    loss = trainer(128)
+    assert torch.isfinite(loss) and loss.ndim == 0
+    assert any(not torch.equal(a, b) for a, b in zip(p0, trainer.params)), "the step did not move the params"
+    for e0, e1, p1 in zip(ema0, trainer.ema_params, trainer.params):
+        torch.testing.assert_close(e1, decay * e0 + (1 - decay) * p1.detach(), rtol=1e-5, atol=1e-6)
+    trainer.set_schedule(0.0, 6)
+    p1 = [p.detach().clone() for p in trainer.params]
+    trainer(128)
+    for a, b in zip(p1, trainer.params):
+        assert torch.equal(a, b), "lr 0 must leave the params unchanged (the step reads the new lr)"
+
+
+def test_unet_step_ema_and_lr_on_cpu():
+    torch.manual_seed(0)
+    trainer = _tiny_trainer(torch.device("cpu"), graphs=False)
+    _check_step_semantics(trainer)
+
+
+def test_tokenize_word_cache_equals_the_tokenizer():
+    from visattn.data.shapes import sample_for_split
+    from visattn.pipelines.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    caps = sum(td.caption_variants([sample_for_split(i, "train", 3) for i in range(300)], 3), [])
+    caps += ["", "a", "Hello World!", "a red  circle", "émoji 🙂 star", " ".join(["red"] * 100), "zzqx circle"]
+    ref = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(td.tokenize(tok, caps), ref)
+
+
+@pytest.mark.gpu
+def test_unet_step_cuda_graph_replay_trains_and_reads_the_schedule():
+    torch.manual_seed(0)
+    trainer = _tiny_trainer(torch.device("cuda"), graphs=True)
+    trainer.set_schedule(1.0, 1)
+    for _ in range(3):  # two eager warm-ups, then the capture + first replay
+        trainer(128)
+    assert 128 in trainer._graphs
+    _check_step_semantics(trainer)  # both steps are graph replays
+    losses = [float(trainer(128)) for _ in range(3)]
+    assert len(set(losses)) == 3, "replays must draw new noise / timesteps each time"
