@@ -8,6 +8,7 @@
 #   bash benchmarks/run_on_device.sh na-issue        # NA: what the issue names beyond the forward (e2e step, Flex)
 #   bash benchmarks/run_on_device.sh gpu-tests       # every test marked gpu
 #   bash benchmarks/run_on_device.sh agent routing consistent
+#   bash benchmarks/run_on_device.sh na-e2e          # NA: the instrumented e2e step + 64x64 blocks (~3 min)
 #   bash benchmarks/run_on_device.sh train-probe     # default model: training-step timings (eager vs CUDA graph)
 #   bash benchmarks/run_on_device.sh train           # the default model from scratch (about 9 minutes) + its evaluation
 #
@@ -35,10 +36,12 @@ for job in "$@"; do
             --budget-s 430 --out "$OUT/na_h100_b.json" 2>&1 | tail -40 ;;
     na-issue) timeout 560 python3 benchmarks/bench_neighborhood.py --sections e2e,flex,flex-untiled --budget-s 520 \
             --out "$OUT/na_h100_issue.json" 2>&1 | tail -40 ;;
+    na-e2e) timeout 200 python3 benchmarks/bench_neighborhood.py --sections e2e,64x64 --budget-s 170 \
+            --out "$OUT/na_h100_e2e.json" 2>&1 | tail -30 ;;
     train-probe) timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train_default.py 2>&1 | tail -5
             timeout 300 python3 benchmarks/bench_train_default.py --out "$OUT/train_default_h100.json" 2>&1 \
               | grep -v -i warn | tail -30 ;;
-    gpu-tests) timeout 500 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -25 ;;
+    gpu-tests) timeout "${GPU_TESTS_S:-500}" python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -25 ;;
     agent) timeout 240 python3 benchmarks/bench_agent.py --kernels --out "$OUT/bench_agent_h100.json" 2>&1 | tail -20 ;;
     routing) timeout 120 python3 benchmarks/bench_routing.py --split --out "$OUT/routing_h100.json" 2>&1 | tail -20 ;;
     consistent)
@@ -46,12 +49,13 @@ for job in "$@"; do
         --out "$OUT/consistent_attention_h100.json" 2>&1 | tail -5
       timeout 240 python3 benchmarks/bench_consistent_memory.py --out "$OUT/consistent_memory_h100.json" 2>&1 | tail -5 ;;
     train)
-      timeout 550 python3 -m visattn.pipelines.train_default --out /tmp/run --pack-dir "$OUT" 2>&1 \
+      timeout 545 python3 -m visattn.pipelines.train_default --out /tmp/run --pack-dir "$OUT" 2>&1 \
         | grep -v -i -E "warn|shards|should be kept" | tee "$OUT/train_stdout.txt" | tail -30
+      [ -f /tmp/run/shapes_classifier.safetensors ] || { echo "training did not finish: no evaluation"; exit 1; }
       python3 -m visattn.pipelines.eval_default --model /tmp/run/shapes_sd \
         --classifier /tmp/run/shapes_classifier.safetensors --device cuda --n 200 --guidance 4 7.5 \
         --sizes 128 256 --json "$OUT/eval.json" --grid "$OUT/default_samples.png" --grid-sizes 128 256 512 2>&1 \
         | grep -v -i -E "warn|Loading|accelerate" | tail -8 ;;
-    *) echo "unknown job $job (allowed: na-a, na-b, na-issue, train-probe, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
+    *) echo "unknown job $job (allowed: na-a, na-b, na-issue, na-e2e, train-probe, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
   esac
 done

@@ -71,6 +71,8 @@ class TrainConfig:
     clf_lr: float = 2e-3
     clf_time: float = 30.0
     ckpt_every: float = 60.0
+    total_time: float = 510.0  # the UNet stage ends early so that the whole run (render to export) fits this
+    export_reserve: float = 20.0  # seconds kept for the final export (with clf_time for the classifier)
     unet: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
@@ -162,6 +164,12 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
         out[other] = tokenizer([texts[i] for i in other], padding="max_length", max_length=length, truncation=True,
                                return_tensors="pt").input_ids
     return out
+
+
+def caption_ids(tokenizer, samples: list[Sample], seed: int) -> torch.Tensor:
+    """(len(samples), 3, 77) token ids of each sample's three caption variants (see ``caption_variants``)."""
+    texts = [text for variants in caption_variants(samples, seed) for text in variants]
+    return tokenize(tokenizer, texts).view(len(samples), 3, -1)
 
 
 def to_float(imgs_u8: torch.Tensor) -> torch.Tensor:
@@ -390,8 +398,10 @@ class UNetStep:
 
 
 def train_unet(comps: dict, lat: dict[int, torch.Tensor], ids: dict[int, torch.Tensor], empty_ids: torch.Tensor,
-               cfg: TrainConfig, out: Path, device: torch.device, amp: torch.dtype | None, export_fn) -> dict:
-    """Stage 2: UNet + text encoder, v-prediction, CFG dropout, mixed resolutions, EMA (exported)."""
+               cfg: TrainConfig, out: Path, device: torch.device, amp: torch.dtype | None, export_fn,
+               time_left: float = math.inf) -> dict:
+    """Stage 2: UNet + text encoder, v-prediction, CFG dropout, mixed resolutions, EMA (exported). Runs for
+    ``cfg.unet_time`` seconds or `time_left` more, whichever ends first."""
     from diffusers import DDPMScheduler
 
     unet, te = comps["unet"].to(device), comps["text_encoder"].to(device)
@@ -421,6 +431,7 @@ def train_unet(comps: dict, lat: dict[int, torch.Tensor], ids: dict[int, torch.T
         step, elapsed = saved["step"], saved["elapsed"]
     torch.manual_seed(cfg.seed * 7 + 2 + step)
     t0, last_ckpt, loss_ema = time.time() - elapsed, time.time(), None
+    limit = max(1.0, min(cfg.unet_time, elapsed + time_left))
     res_list = [r for r in cfg.res_cycle if r in lat]
 
     def checkpoint(done: bool = False, info: dict | None = None) -> None:
@@ -428,8 +439,8 @@ def train_unet(comps: dict, lat: dict[int, torch.Tensor], ids: dict[int, torch.T
                  "ema_text_encoder": ema_te.state_dict(), "opt": opt.state_dict(), "step": step,
                  "elapsed": time.time() - t0, "info": info}, done=done)
 
-    while step < cfg.unet_steps and time.time() - t0 < cfg.unet_time:
-        trainer.set_schedule(lr_at(step, cfg.unet_steps, cfg.warmup, (time.time() - t0) / cfg.unet_time), step)
+    while step < cfg.unet_steps and time.time() - t0 < limit:
+        trainer.set_schedule(lr_at(step, cfg.unet_steps, cfg.warmup, (time.time() - t0) / limit), step)
         loss = trainer(res_list[step % len(res_list)])
         step += 1
         loss_ema = loss.clone() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss
@@ -441,7 +452,7 @@ def train_unet(comps: dict, lat: dict[int, torch.Tensor], ids: dict[int, torch.T
             checkpoint()
             export_fn({"unet_steps_done": step, "partial": True})
             last_ckpt = time.time()
-    info = {"unet_steps_done": step, "unet_seconds": round(time.time() - t0, 1),
+    info = {"unet_steps_done": step, "unet_seconds": round(time.time() - t0, 1), "unet_time_limit": round(limit, 1),
             "unet_loss": None if loss_ema is None else float(loss_ema)}
     checkpoint(done=True, info=info)
     log(f"unet: {info}", out)
@@ -593,23 +604,30 @@ def run(cfg: TrainConfig, out: Path, device: torch.device, pack_dir: Path | None
 
     if init_from is None:
         info.update(train_vae(comps["vae"], data, cfg, out, device, amp))
+        t_enc = time.time()
         lat, scale = encode_latents(comps["vae"], data, device, amp)
         comps["vae"].register_to_config(scaling_factor=scale)
     else:
         info["init_from"] = str(init_from)
+        t_enc = time.time()
         comps["vae"].to(device)
         lat, scale = encode_latents(comps["vae"], data, device, amp, scale=comps["vae"].config.scaling_factor)
     info["scaling_factor"] = scale
+    info["encode_seconds"] = round(time.time() - t_enc, 1)
     del data
     tok = comps["tokenizer"]
-    ids = {r: tokenize(tok, sum(caption_variants(s, cfg.seed + r), [])).view(len(s), 3, -1) for r, s in samples.items()}
+    t_tok = time.time()
+    ids = {r: caption_ids(tok, s, cfg.seed + r) for r, s in samples.items()}
+    info["tokenize_seconds"] = round(time.time() - t_tok, 1)
     empty_ids = tokenize(tok, [""])[0]
-    log(f"latents {[(r, tuple(v.shape)) for r, v in lat.items()]}, scaling factor {scale:.4f}", out)
+    log(f"latents {[(r, tuple(v.shape)) for r, v in lat.items()]} in {info['encode_seconds']}s, scaling factor "
+        f"{scale:.4f}; captions tokenized in {info['tokenize_seconds']}s", out)
 
     def export_fn(extra: dict) -> None:
         export(comps, None, cfg, out, {**info, **extra}, pack_dir)
 
-    info.update(train_unet(comps, lat, ids, empty_ids, cfg, out, device, amp, export_fn))
+    time_left = cfg.total_time - (time.time() - t_start) - cfg.clf_time - cfg.export_reserve
+    info.update(train_unet(comps, lat, ids, empty_ids, cfg, out, device, amp, export_fn, time_left))
     del lat
     export_fn({"partial": True})
     info.update(train_classifier(clf, comps["vae"], cfg, out, device, amp, workers))
