@@ -3,6 +3,7 @@ and a rerun with the same folder resumes from the stage checkpoints instead of t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -89,6 +90,19 @@ def test_unet_step_ema_and_lr_on_cpu():
     torch.manual_seed(0)
     trainer = _tiny_trainer(torch.device("cpu"), graphs=False)
     _check_step_semantics(trainer)
+
+
+def test_timestep_focus_share():
+    torch.manual_seed(0)
+    trainer = _tiny_trainer(torch.device("cpu"), graphs=False)
+    t = trainer.sample_timesteps(20_000)
+    assert t.min() >= 0 and t.max() == 999
+    assert abs(float((t >= 600).float().mean()) - 0.4) < 0.02  # uniform (default, the shipped recipe)
+    trainer.cfg = dataclasses.replace(trainer.cfg, t_focus_frac=0.7, t_focus_max=600)
+    t = trainer.sample_timesteps(20_000)
+    assert abs(float((t >= 600).float().mean()) - 0.3 * 0.4) < 0.02  # only the unfocused 30% reach t >= 600
+    trainer.cfg = dataclasses.replace(trainer.cfg, t_focus_frac=1.0)
+    assert int(trainer.sample_timesteps(5_000).max()) < 600
 
 
 def test_tokenize_word_cache_equals_the_tokenizer():
