@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 __all__ = ["TokenGeometry"]
+
+#: fields an adapter may fill in lazily (see ``TokenGeometry._deferred``): the denoising progress and seed, which
+#: can need a device->host read that a method which never looks at them should not pay for
+_RUN_FIELDS = ("step", "timestep", "num_steps", "seed")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,10 @@ class TokenGeometry:
     keyed on the geometry stay valid across runs); use :meth:`rng` for seeded sampling inside a method.
     ``spans``: every grid span of the sequence as ``(start, grid)`` pairs when there are several (e.g. a
     VLM prompt with two images); ``grid``/``spatial_start`` describe the first one.
+
+    An adapter may hand over a geometry whose ``step``/``timestep``/``num_steps``/``seed`` are not read yet
+    (:meth:`_deferred`): they are filled in on first access (including ``==``, ``hash``, ``repr``, ``rng``,
+    ``with_``, pickling), with the same values an eager geometry would have had.
     """
 
     batch: int
@@ -48,6 +56,35 @@ class TokenGeometry:
     base_grid: Optional[Tuple[int, ...]] = None
     #: q's head dim when the adapter knows it (block sizes, and so layouts, can depend on it on CUDA)
     head_dim: Optional[int] = field(default=None, compare=False)
+
+    @classmethod
+    def _deferred(cls, run_values: Callable[[], Dict[str, Any]], **fields: Any) -> "TokenGeometry":
+        """A geometry whose run fields (``_RUN_FIELDS``) come from ``run_values()`` (a dict with those keys),
+        called at most once, when one of them is first read."""
+        g = cls(**fields)
+        d = g.__dict__
+        for name in _RUN_FIELDS:
+            del d[name]
+        d["_run_values"] = run_values
+        return g
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes missing from the instance: the run fields of a _deferred geometry (their
+        # class-level defaults are removed below the class, so the lookup falls through to here)
+        d = self.__dict__
+        src = d.get("_run_values")
+        if src is None or name not in _RUN_FIELDS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        values = src()
+        for k in _RUN_FIELDS:
+            d[k] = values[k]
+        d.pop("_run_values", None)
+        return d[name]
+
+    def __getstate__(self) -> dict:
+        if "_run_values" in self.__dict__:
+            self.step  # noqa: B018 - fills in the run fields (the source is not picklable state)
+        return dict(self.__dict__)
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -109,3 +146,10 @@ class TokenGeometry:
                 break
             h, w = (h + 1) // 2, (w + 1) // 2
         raise ValueError(f"{num_tokens} tokens match no downsampling level of the latent grid {base_hw}")
+
+
+# dataclass leaves each field's default as a class attribute; without them an instance that lacks a run field
+# (a _deferred geometry) reaches __getattr__. __init__ keeps its defaults, fields() keeps the Field objects.
+for _name in _RUN_FIELDS:
+    delattr(TokenGeometry, _name)
+del _name

@@ -4,10 +4,13 @@ Geometry capture (``_GeometryHook.pre_forward`` on the denoiser, hook name ``"vi
 - 4-D input ``sample``/``hidden_states`` (B, C, H, W): ``latent_hw = (H, W)``; ``grid = (H/p, W/p)`` with the
   model's ``patch_size`` (1 for UNets). UNet levels are mapped with ``TokenGeometry.grid_for_level`` from
   that grid (``grid=None`` when no level matches the token count).
-- Flux: the packed image grid from ``img_ids`` (rows/cols of the tokens), never from the token count.
+- Flux: the packed image grid from ``img_ids`` (rows/cols of the tokens), never from the token count. Reading
+  it needs a device->host read, so the hook keeps the grid of the last ids tensor and reuses it only for that
+  same tensor object at the same version (``_IdsGrid``; Flux pipelines pass one ``latent_image_ids`` every step).
 - 5-D video: Wan ``(B, C, F, H, W)`` with ``patch_size=(pt, ph, pw)``; CogVideoX ``(B, F, C, H, W)`` with
   ``patch_size``/``patch_size_t`` -> ``grid = (F', H', W')``.
-- timestep from the ``timestep`` argument; step/CFG/seed bookkeeping in :class:`RunState`.
+- timestep from the ``timestep`` argument; step/CFG/seed bookkeeping in :class:`RunState` (a timestep that
+  needs a device read is read only when something asks for the step, see ``RunState.denoiser_call``).
 When applied to a pipeline, the scheduler's ``set_timesteps`` is wrapped (instance attribute, removed on
 ``remove``) to mark the start of a run and record ``num_steps`` and ``do_classifier_free_guidance``.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -100,19 +104,53 @@ def plan(model: torch.nn.Module, layers) -> list:
 
 
 def _grid_from_ids(ids: torch.Tensor) -> Optional[tuple]:
+    """(rows, cols) spanned by the ids' row/col coordinates when they tile the tokens exactly (one readback)."""
     ids = ids[0] if ids.ndim == 3 else ids
-    rows, cols = ids[:, 1], ids[:, 2]
-    h = int(rows.max() - rows.min()) + 1
-    w = int(cols.max() - cols.min()) + 1
+    rc = ids[:, 1:3]
+    h, w = (int(v) + 1 for v in (rc.amax(0) - rc.amin(0)).tolist())
     return (h, w) if h * w == ids.shape[0] else None
+
+
+class _IdsGrid:
+    """The grid of the last ``img_ids`` tensor seen (one entry), reused only for that very object -- held by a
+    weak reference, so a new tensor, even at the same address, never matches -- at the same ``_version`` (any
+    in-place write, also through a view or ``detach()``, bumps it), shape, strides, offset, data pointer, dtype
+    and device. Inference tensors carry no version counter: their grid is read on every call.
+    Not seen (PyTorch does not track them): writes through ``.data``, ``.numpy()`` or DLPack aliases."""
+
+    __slots__ = ("_ref", "_key", "_grid")
+
+    def __init__(self) -> None:
+        self._ref: Optional[weakref.ref] = None
+        self._key: Optional[tuple] = None
+        self._grid: Optional[tuple] = None
+
+    @staticmethod
+    def _key_of(ids: torch.Tensor) -> Optional[tuple]:
+        if ids.is_inference():
+            return None
+        return (ids._version, tuple(ids.shape), ids.stride(), ids.storage_offset(), ids.data_ptr(), ids.dtype,
+                ids.device)
+
+    def __call__(self, ids: torch.Tensor) -> Optional[tuple]:
+        key = self._key_of(ids)
+        if key is not None and self._ref is not None and self._ref() is ids and self._key == key:
+            return self._grid
+        grid = _grid_from_ids(ids)
+        if key is None:
+            self._ref = self._key = self._grid = None
+        else:
+            self._ref, self._key, self._grid = weakref.ref(ids), key, grid
+        return grid
 
 
 def _as_tuple(p, n: int) -> tuple:
     return tuple(p) if isinstance(p, (tuple, list)) else (p,) * n
 
 
-def capture(model: torch.nn.Module, args: Dict[str, Any]) -> Dict[str, Any]:
-    """Geometry of one denoiser call from its bound arguments: grid, latent_hw, timestep (as passed), sample."""
+def capture(model: torch.nn.Module, args: Dict[str, Any], ids_grid: Optional[_IdsGrid] = None) -> Dict[str, Any]:
+    """Geometry of one denoiser call from its bound arguments: grid, latent_hw, timestep (as passed), sample.
+    ``ids_grid``: the caller's cache of the Flux ``img_ids`` grid (None: read the ids)."""
     x = args.get("sample", args.get("hidden_states"))
     cfg = getattr(model, "config", {}) or {}
     out: Dict[str, Any] = {"grid": None, "latent_hw": None, "sample": x, "timestep": args.get("timestep")}
@@ -120,7 +158,8 @@ def capture(model: torch.nn.Module, args: Dict[str, Any]) -> Dict[str, Any]:
         return out
     name = type(model).__name__
     if args.get("img_ids") is not None:  # Flux: packed latents, grid from the ids
-        out["grid"] = _grid_from_ids(args["img_ids"])
+        ids = args["img_ids"]
+        out["grid"] = ids_grid(ids) if ids_grid is not None else _grid_from_ids(ids)
     elif x.ndim == 4:
         h, w = x.shape[-2:]
         ph, pw = _as_tuple(cfg.get("patch_size", 1) or 1, 2)[-2:]
@@ -146,6 +185,7 @@ class _GeometryHook(ModelHook):
         super().__init__()
         self.state = state
         self._sig = None
+        self._ids_grid = _IdsGrid()
 
     def pre_forward(self, module, *args, **kwargs):
         if self._sig is None:
@@ -154,9 +194,9 @@ class _GeometryHook(ModelHook):
             bound = self._sig.bind_partial(module, *args, **kwargs).arguments
         except TypeError:
             bound = dict(kwargs)
-        info = capture(module, bound)
+        info = capture(module, bound, self._ids_grid)
         self.state.grid, self.state.latent_hw = info["grid"], info["latent_hw"]
-        self.state.on_denoiser_call(self.state.timestep_value(info["timestep"]), info["sample"])
+        self.state.denoiser_call(info["timestep"], info["sample"])
         return args, kwargs
 
 
