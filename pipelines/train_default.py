@@ -303,10 +303,11 @@ class UNetStep:
     """One UNet + text-encoder training step (v-prediction, CFG dropout, Min-SNR option, gradient clipping,
     AdamW, EMA) with every random draw made on the device, so a step never waits for the GPU.
 
-    The UNet is small, so eager PyTorch is bound by kernel launches (about 8 steps/s on an H100 whatever the
-    batch). On CUDA with ``graphs=True`` each resolution's whole step (forward, backward, clipping, optimizer and
-    EMA update) is captured once as a CUDA graph after two eager warm-up steps and then replayed. Learning rate and
-    EMA decay live in device tensors that the host updates in place between replays."""
+    On an H100 the step is GPU-bound (eager 79 ms at batch 256, 143 ms at 512; benchmarks/results/
+    train_default_h100.json). On CUDA with ``graphs=True`` each resolution's whole step (forward, backward, clipping,
+    optimizer and EMA update) is captured once as a CUDA graph after two eager warm-up steps and then replayed
+    (3-12% faster). Learning rate and EMA decay live in device tensors that the host updates in place between
+    replays."""
 
     def __init__(self, unet, te, ema_unet, ema_te, alphas_cumprod: torch.Tensor, lat: dict[int, torch.Tensor],
                  ids: dict[int, torch.Tensor], empty_ids: torch.Tensor, cfg: TrainConfig, device: torch.device,
