@@ -329,11 +329,19 @@ class UNetStep:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._warm: dict[int, int] = {}
 
-    def restore_lr_tensors(self) -> None:
-        """After ``opt.load_state_dict``: put the learning rates back into device tensors (CUDA)."""
-        if self.device.type == "cuda":
-            for g in self.opt.param_groups:
-                g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
+    def load_optimizer_state(self, state: dict) -> None:
+        """``opt.load_state_dict`` for a resumed run: the saved moments, step counts and learning rates, but this
+        run's ``fused``/``capturable`` flags (a checkpoint from a run without CUDA graphs would otherwise turn
+        capture off), with learning rates as device tensors on CUDA and floats elsewhere, and the step counters
+        where those flags need them."""
+        self.opt.load_state_dict(state)
+        on_cuda = self.device.type == "cuda"
+        for g in self.opt.param_groups:
+            g["fused"], g["capturable"] = on_cuda, self.graphs
+            g["lr"] = torch.tensor(float(g["lr"]), device=self.device) if on_cuda else float(g["lr"])
+        for s in self.opt.state.values():
+            if "step" in s:
+                s["step"] = s["step"].to(self.device if on_cuda else "cpu", torch.float32)
 
     def batch_size(self, res: int) -> int:
         """Same pixel count per step at every resolution."""
@@ -435,8 +443,7 @@ def train_unet(comps: dict, lat: dict[int, torch.Tensor], ids: dict[int, torch.T
     opt = trainer.opt
     step, elapsed = 0, 0.0
     if saved is not None:
-        opt.load_state_dict(saved["opt"])
-        trainer.restore_lr_tensors()
+        trainer.load_optimizer_state(saved["opt"])
         step, elapsed = saved["step"], saved["elapsed"]
     torch.manual_seed(cfg.seed * 7 + 2 + step)
     t0, last_ckpt, loss_ema = time.time() - elapsed, time.time(), None
@@ -449,7 +456,7 @@ def train_unet(comps: dict, lat: dict[int, torch.Tensor], ids: dict[int, torch.T
                  "elapsed": time.time() - t0, "info": info}, done=done)
 
     while step < cfg.unet_steps and time.time() - t0 < limit:
-        trainer.set_schedule(lr_at(step, cfg.unet_steps, cfg.warmup, (time.time() - t0) / limit), step)
+        trainer.set_schedule(lr_at(step, cfg.unet_steps, cfg.warmup, (time.time() - t0) / limit), step + 1)
         loss = trainer(res_list[step % len(res_list)])
         step += 1
         loss_ema = loss.clone() if loss_ema is None else 0.99 * loss_ema + 0.01 * loss

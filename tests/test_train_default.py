@@ -92,6 +92,26 @@ def test_unet_step_ema_and_lr_on_cpu():
     _check_step_semantics(trainer)
 
 
+def test_resumed_optimizer_state_keeps_moments_and_this_runs_flags():
+    torch.manual_seed(0)
+    a = _tiny_trainer(torch.device("cpu"), graphs=False)
+    a.set_schedule(1.0, 1)
+    a(128)
+    a(128)
+    saved = copy.deepcopy(a.opt.state_dict())
+    for g in saved["param_groups"]:  # as a CUDA run saves them: tensor learning rates, fused, capturable
+        g["lr"], g["fused"], g["capturable"] = torch.tensor(g["lr"]), True, True
+    b = _tiny_trainer(torch.device("cpu"), graphs=False)
+    b.load_optimizer_state(saved)
+    for g in b.opt.param_groups:
+        assert isinstance(g["lr"], float) and g["fused"] is False and g["capturable"] is False
+    ref = a.opt.state_dict()["state"]
+    for i, st in b.opt.state_dict()["state"].items():
+        assert torch.equal(st["exp_avg"], ref[i]["exp_avg"]) and float(st["step"]) == 2.0
+    b.set_schedule(1.0, 3)
+    assert torch.isfinite(b(128))
+
+
 def test_timestep_focus_share():
     torch.manual_seed(0)
     trainer = _tiny_trainer(torch.device("cpu"), graphs=False)
@@ -127,3 +147,18 @@ def test_unet_step_cuda_graph_replay_trains_and_reads_the_schedule():
     _check_step_semantics(trainer)  # both steps are graph replays
     losses = [float(trainer(128)) for _ in range(3)]
     assert len(set(losses)) == 3, "replays must draw new noise / timesteps each time"
+
+
+@pytest.mark.gpu
+def test_resume_from_a_run_without_graphs_captures_on_cuda():
+    torch.manual_seed(0)
+    eager = _tiny_trainer(torch.device("cuda"), graphs=False)
+    eager.set_schedule(1.0, 1)
+    eager(128)
+    graphed = _tiny_trainer(torch.device("cuda"), graphs=True)
+    graphed.load_optimizer_state(eager.opt.state_dict())
+    assert all(g["capturable"] and torch.is_tensor(g["lr"]) for g in graphed.opt.param_groups)
+    graphed.set_schedule(1.0, 2)
+    for _ in range(4):  # warm-ups, capture, replays
+        loss = graphed(128)
+    assert 128 in graphed._graphs and torch.isfinite(loss)
