@@ -11,6 +11,7 @@
 #   bash benchmarks/run_on_device.sh na-e2e          # NA: the instrumented e2e step + 64x64 blocks (~3 min)
 #   bash benchmarks/run_on_device.sh train-probe     # default model: training-step timings (eager vs CUDA graph)
 #   bash benchmarks/run_on_device.sh train           # the default model from scratch (about 9 minutes) + its evaluation
+#   TRAIN_SET="t_focus_frac=0.35 unet_time=340" bash benchmarks/run_on_device.sh train   # with config overrides
 #
 # Each job fits one 10-minute device call; give the call `carry: [".whl"]` when a job needs diffusers.
 set -o pipefail
@@ -49,7 +50,9 @@ for job in "$@"; do
         --out "$OUT/consistent_attention_h100.json" 2>&1 | tail -5
       timeout 240 python3 benchmarks/bench_consistent_memory.py --out "$OUT/consistent_memory_h100.json" 2>&1 | tail -5 ;;
     train)
-      timeout 545 python3 -m visattn.pipelines.train_default --out /tmp/run --pack-dir "$OUT" 2>&1 \
+      # shellcheck disable=SC2086  # TRAIN_SET: space-separated key=json overrides, e.g. "t_focus_frac=0.35 unet_time=340"
+      timeout 545 python3 -m visattn.pipelines.train_default --out /tmp/run --pack-dir "$OUT" \
+        ${TRAIN_SET:+--set $TRAIN_SET} 2>&1 \
         | grep -v -i -E "warn|shards|should be kept" | tee "$OUT/train_stdout.txt" | tail -30
       [ -f /tmp/run/shapes_classifier.safetensors ] || { echo "training did not finish: no evaluation"; exit 1; }
       python3 -m visattn.pipelines.eval_default --model /tmp/run/shapes_sd \

@@ -495,6 +495,7 @@ def test_neighborhood_layout_on_cuda_needs_head_dim_or_block_size():
         neighborhood_layout((16, 16), 5, device="cuda")
 
 
+@pytest.mark.slow
 def test_benchmark_e2e_step_uses_neighborhood_in_every_flux_layer(tmp_path):
     """The e2e section (tiny Flux-style model, CPU-sized) runs our block-sparse path in all 6 joint-attention
     layers with the NA configs (dense SDPA in none of them), and plain SDPA in all 6 for the dense baseline;
