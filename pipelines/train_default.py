@@ -79,6 +79,37 @@ class TrainConfig:
     vae: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
 
+    def validate(self) -> None:
+        """Raise ValueError for values the run cannot use."""
+        if not 0.0 <= self.t_focus_frac <= 1.0:
+            raise ValueError(f"t_focus_frac must be in [0, 1], got {self.t_focus_frac}")
+        if not 1 <= self.t_focus_max <= 1000:
+            raise ValueError(f"t_focus_max must be in [1, 1000] (the schedule's timesteps), got {self.t_focus_max}")
+        bad = [r for r in self.res_cycle if r not in (128, 256, 512)]
+        if not self.res_cycle or bad:
+            raise ValueError(f"res_cycle must be a non-empty list of 128, 256 and 512, got {list(self.res_cycle)}")
+        for name in ("unet_time", "vae_time", "clf_time", "total_time"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+
+
+def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
+    """``--set key=json ...`` applied to a config (unknown keys and out-of-range values raise ValueError)."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    changes = {}
+    for kv in items:
+        key, sep, value = kv.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"--set: expected KEY=JSON with KEY one of {names}, got {kv!r}")
+        try:
+            val = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--set {key}: the value must be JSON (e.g. 340, 0.35, [128, 256]), got {value!r}") from e
+        changes[key] = tuple(val) if isinstance(val, list) else val
+    out = dataclasses.replace(cfg, **changes)
+    out.validate()
+    return out
+
 
 PRESETS: dict[str, dict] = {
     "full": {},
@@ -596,6 +627,7 @@ def run(cfg: TrainConfig, out: Path, device: torch.device, pack_dir: Path | None
     is kept as is and the UNet + text encoder continue from its weights (fine-tuning run)."""
     from .shapes_classifier import ShapesClassifier
 
+    cfg.validate()
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
@@ -666,10 +698,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="override config fields")
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{**PRESETS[args.preset], "seed": args.seed})
-    for kv in args.set:
-        key, value = kv.split("=", 1)
-        val = json.loads(value)
-        setattr(cfg, key, tuple(val) if isinstance(val, list) else val)
+    cfg = apply_overrides(cfg, args.set)
     run(cfg, args.out, torch.device(args.device), args.pack_dir, args.workers, args.init_from)
 
 

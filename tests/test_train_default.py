@@ -112,6 +112,19 @@ def test_resumed_optimizer_state_keeps_moments_and_this_runs_flags():
     assert torch.isfinite(b(128))
 
 
+def test_set_overrides_are_checked():
+    cfg = td.apply_overrides(td.TrainConfig(), ["t_focus_frac=0.35", "unet_time=340", "res_cycle=[128, 256]"])
+    assert (cfg.t_focus_frac, cfg.unet_time, cfg.res_cycle) == (0.35, 340, (128, 256))
+    with pytest.raises(ValueError, match="KEY one of"):
+        td.apply_overrides(td.TrainConfig(), ["unet_tim=340"])
+    with pytest.raises(ValueError, match="t_focus_frac must be in"):
+        td.apply_overrides(td.TrainConfig(), ["t_focus_frac=1.5"])
+    with pytest.raises(ValueError, match="must be JSON"):
+        td.apply_overrides(td.TrainConfig(), ["res_cycle=128,256"])
+    with pytest.raises(ValueError, match="res_cycle must be"):
+        td.apply_overrides(td.TrainConfig(), ["res_cycle=[96]"])
+
+
 def test_timestep_focus_share():
     torch.manual_seed(0)
     trainer = _tiny_trainer(torch.device("cpu"), graphs=False)
