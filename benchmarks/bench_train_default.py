@@ -23,6 +23,20 @@ def timed(fn, reps: int, sync) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def profile_step(fn, dev: torch.device, sync, top: int = 25) -> list:
+    """Top ops of one step by device time (CPU time on CPU): name, calls, total ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync()
+    key = "device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top), flush=True)
+    rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, key, 0.0))[:top]
+    return [dict(name=e.key, calls=e.count, ms=round(getattr(e, key, 0.0) / 1000, 3)) for e in rows]
+
+
 def main() -> None:
     from diffusers import DDPMScheduler
 
@@ -35,6 +49,8 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,graph")
     ap.add_argument("--res", default="128,256,512")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one eager step per resolution (first batch size) and keep the top ops")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,6 +109,8 @@ def main() -> None:
                            first3_s=round(first, 2), peak_gib=round(mem, 2))
                 results["steps"].append(row)
                 print(row, flush=True)
+                if args.profile and mode == "eager" and batch == int(args.batches.split(",")[0]):
+                    results.setdefault("profile", {})[res] = profile_step(lambda res=res, trainer=trainer: trainer(res), dev, sync)
             del trainer, unet, te, ema_u, ema_t
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

@@ -40,8 +40,8 @@ for job in "$@"; do
     na-e2e) timeout 200 python3 benchmarks/bench_neighborhood.py --sections e2e,64x64 --budget-s 170 \
             --out "$OUT/na_h100_e2e.json" 2>&1 | tail -30 ;;
     train-probe) timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train_default.py 2>&1 | tail -5
-            timeout 300 python3 benchmarks/bench_train_default.py --out "$OUT/train_default_h100.json" 2>&1 \
-              | grep -v -i warn | tail -30 ;;
+            timeout 300 python3 benchmarks/bench_train_default.py --profile --out "$OUT/train_default_h100.json" 2>&1 \
+              | grep -v -i warn | tail -60 ;;
     gpu-tests) timeout "${GPU_TESTS_S:-500}" python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -25 ;;
     agent) timeout 240 python3 benchmarks/bench_agent.py --kernels --out "$OUT/bench_agent_h100.json" 2>&1 | tail -20 ;;
     routing) timeout 120 python3 benchmarks/bench_routing.py --split --out "$OUT/routing_h100.json" 2>&1 | tail -20 ;;
