@@ -4,16 +4,30 @@ Each ``tiny_*`` builder returns an eval-mode fp32 model; ``*_inputs`` builders r
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
 
 import torch
+
+from visattn.methods import Dense
 
 __all__ = [
     "tiny_unet", "unet_inputs", "tiny_sdxl_unet", "sdxl_unet_inputs", "tiny_sd3", "sd3_inputs", "tiny_flux",
     "flux_inputs", "tiny_wan", "wan_inputs", "tiny_cogvideox", "cogvideox_inputs", "tiny_vit", "tiny_swin",
     "tiny_qwen2_vl", "qwen_inputs", "tiny_sd_pipeline", "pipeline_kwargs", "tiny_flux_pipeline",
-    "flux_pipeline_kwargs",
+    "flux_pipeline_kwargs", "GeometryRecorder",
 ]
+
+
+@dataclass
+class GeometryRecorder(Dense):
+    """Dense attention that records every geometry it is given (and does not override ``reset``)."""
+
+    log: List = field(default_factory=list, compare=False, repr=False)
+
+    def attend(self, q, k, v, geometry, *, scale=None, attn_mask=None):
+        self.log.append(geometry)
+        return super().attend(q, k, v, geometry, scale=scale, attn_mask=attn_mask)
 
 
 def _seeded(seed: int) -> None:

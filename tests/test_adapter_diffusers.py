@@ -1,8 +1,6 @@
 """diffusers adapter: Dense through our processors equals the stock model; exact removal; geometry capture."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List
 
 import pytest
 import torch
@@ -22,15 +20,7 @@ FAMILIES = {  # name: (builder, inputs builder, expected number of self / cross 
 }
 
 
-@dataclass
-class Recorder(Dense):
-    """Dense attention that records every geometry it sees."""
-
-    log: List = field(default_factory=list, compare=False, repr=False)
-
-    def attend(self, q, k, v, geometry, *, scale=None, attn_mask=None):
-        self.log.append(geometry)
-        return super().attend(q, k, v, geometry, scale=scale, attn_mask=attn_mask)
+Recorder = tm.GeometryRecorder
 
 
 def _out(model, inputs):

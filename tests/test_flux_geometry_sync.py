@@ -186,15 +186,7 @@ def test_outputs_equal_the_uncached_path(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- the step
-@dataclass
-class StepRecorder(Dense):
-    """Dense attention that keeps the geometries it is given (read later) and does not override reset."""
-
-    log: List = field(default_factory=list, compare=False, repr=False)
-
-    def attend(self, q, k, v, geometry, *, scale=None, attn_mask=None):
-        self.log.append(geometry)
-        return super().attend(q, k, v, geometry, scale=scale, attn_mask=attn_mask)
+StepRecorder = tm.GeometryRecorder
 
 
 @dataclass
