@@ -46,7 +46,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="256,512", help="comma-separated 128-px batch sizes")
-    ap.add_argument("--modes", default="eager,graph")
+    ap.add_argument("--modes", default="eager,graph",
+                    help="eager, graph (CUDA-graph replay), cl / cl-graph (UNet in channels_last), "
+                         "compile (torch.compile'd UNet, eager step; first resolution only, compile time in first3_s)")
     ap.add_argument("--res", default="128,256,512")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--profile", action="store_true",
@@ -88,16 +90,20 @@ def main() -> None:
     ids_dev = {r: ids[:1024].to(dev) for r in resolutions}
     empty = td.tokenize(tok, [""])[0]
     for mode in args.modes.split(","):
+        graphs = mode.endswith("graph")
         for batch in (int(b) for b in args.batches.split(",")):
             comps = build_components(0)
             unet, te = comps["unet"].to(dev).train(), comps["text_encoder"].to(dev).train()
+            if mode.startswith("cl"):
+                unet = unet.to(memory_format=torch.channels_last)
             ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
-            cfg = td.TrainConfig(unet_batch=batch, cuda_graphs=mode == "graph")
+            cfg = td.TrainConfig(unet_batch=batch, cuda_graphs=graphs)
             ab = DDPMScheduler.from_config(comps["scheduler"].config).alphas_cumprod
-            trainer = td.UNetStep(unet, te, ema_u, ema_t, ab, lat, ids_dev, empty, cfg, dev, amp,
-                                  graphs=mode == "graph")
+            trainer = td.UNetStep(unet, te, ema_u, ema_t, ab, lat, ids_dev, empty, cfg, dev, amp, graphs=graphs)
+            if mode == "compile":
+                trainer.unet = torch.compile(unet)
             trainer.set_schedule(1.0, 100)
-            for res in resolutions:
+            for res in (resolutions[:1] if mode == "compile" else resolutions):
                 t0 = time.perf_counter()
                 for _ in range(3):  # two eager warm-ups + the capture and first replay in graph mode
                     trainer(res)
@@ -109,8 +115,8 @@ def main() -> None:
                            first3_s=round(first, 2), peak_gib=round(mem, 2))
                 results["steps"].append(row)
                 print(row, flush=True)
-                if args.profile and mode == "eager" and batch == int(args.batches.split(",")[0]):
-                    results.setdefault("profile", {})[res] = profile_step(lambda res=res, trainer=trainer: trainer(res), dev, sync)
+                if args.profile and mode in ("eager", "cl") and batch == int(args.batches.split(",")[0]):
+                    results.setdefault("profile" if mode == "eager" else f"profile_{mode}", {})[res] = profile_step(lambda res=res, trainer=trainer: trainer(res), dev, sync)
             del trainer, unet, te, ema_u, ema_t
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

@@ -40,7 +40,8 @@ for job in "$@"; do
     na-e2e) timeout 200 python3 benchmarks/bench_neighborhood.py --sections e2e,64x64 --budget-s 170 \
             --out "$OUT/na_h100_e2e.json" 2>&1 | tail -30 ;;
     train-probe) timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train_default.py 2>&1 | tail -5
-            timeout 300 python3 benchmarks/bench_train_default.py --profile --out "$OUT/train_default_h100.json" 2>&1 \
+            timeout 330 python3 benchmarks/bench_train_default.py --profile --batches 256 \
+              --modes "${PROBE_MODES:-eager,graph,cl,cl-graph,compile}" --out "$OUT/train_default_h100.json" 2>&1 \
               | grep -v -i warn | tail -60 ;;
     gpu-tests) timeout "${GPU_TESTS_S:-500}" python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -25 ;;
     agent) timeout 240 python3 benchmarks/bench_agent.py --kernels --out "$OUT/bench_agent_h100.json" 2>&1 | tail -20 ;;
@@ -56,7 +57,7 @@ for job in "$@"; do
         | grep -v -i -E "warn|shards|should be kept" | tee "$OUT/train_stdout.txt" | tail -30
       [ -f /tmp/run/shapes_classifier.safetensors ] || { echo "training did not finish: no evaluation"; exit 1; }
       python3 -m visattn.pipelines.eval_default --model /tmp/run/shapes_sd \
-        --classifier /tmp/run/shapes_classifier.safetensors --device cuda --n 200 --guidance 4 7.5 \
+        --classifier /tmp/run/shapes_classifier.safetensors --device cuda --n 200 --guidance 2.5 4 \
         --sizes 128 256 --json "$OUT/eval.json" --grid "$OUT/default_samples.png" --grid-sizes 128 256 512 2>&1 \
         | grep -v -i -E "warn|Loading|accelerate" | tail -8 ;;
     *) echo "unknown job $job (allowed: na-a, na-b, na-issue, na-e2e, train-probe, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
