@@ -43,7 +43,8 @@ for job in "$@"; do
             timeout 330 python3 benchmarks/bench_train_default.py --profile --batches 256 \
               --modes "${PROBE_MODES:-eager,graph,cl,cl-graph,compile}" --out "$OUT/train_default_h100.json" 2>&1 \
               | grep -v -i warn | tail -60 ;;
-    gpu-tests) timeout "${GPU_TESTS_S:-500}" python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -25 ;;
+    gpu-tests) # shellcheck disable=SC2086  # GPU_TESTS: test paths (default: all of tests/)
+      timeout "${GPU_TESTS_S:-500}" python3 -m pytest -q -p no:cacheprovider -m gpu -rfEs --durations=8 ${GPU_TESTS:-tests} 2>&1 | tail -40 ;;
     agent) timeout 240 python3 benchmarks/bench_agent.py --kernels --out "$OUT/bench_agent_h100.json" 2>&1 | tail -20 ;;
     routing) timeout 120 python3 benchmarks/bench_routing.py --split --out "$OUT/routing_h100.json" 2>&1 | tail -20 ;;
     consistent)

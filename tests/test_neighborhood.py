@@ -170,7 +170,7 @@ def test_property_layout_equals_oracle(problem):
     # FULL blocks really are full, PARTIAL blocks are neither full nor empty (kernel order)
     cls_ = layout.block_classes()[0, 0]
     dk = layout.to_dense(original_order=False)[0, 0]
-    bm, bn, N = layout.block_m, layout.block_n, spec.seq_len
+    bm, bn = layout.block_m, layout.block_n
     for qb, kb in cls_.nonzero().tolist():
         tile = dk[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn]
         if cls_[qb, kb] == 2:
@@ -251,6 +251,17 @@ def test_tiles_make_interior_blocks_full():
     assert s["density"] < 1.6 * window_frac and s["full"] > 0.4 * (s["full"] + s["partial"])
     s1 = nl.block_counts(make_spec((8192,), 1024), (128, 128))
     assert s1["partial"] <= 2 * 64 and s1["full"] >= 7 * 64
+
+
+def test_gna_automatic_blocks_avoid_partial_blocks():
+    """Window 32 with stride 16: the shared windows start 8 columns off the 16-wide key tiles of 128x128 blocks
+    (768 PARTIAL blocks), so the CUDA automatic choice is 128x64 with 8x8 key sub-tiles, which has none."""
+    spec = make_spec((128, 128), 32, stride=16)
+    assert nl.block_counts(spec, (128, 128))["partial"] == 768
+    blocks = nl.auto_block_size(spec, torch.device("cuda"), 128)
+    assert blocks == (128, 64)
+    counts = nl.block_counts(spec, blocks)
+    assert counts["partial"] == 0 and counts["sub_tile"] == (8, 8)
 
 
 def test_layout_matches_mask_mod_classification():

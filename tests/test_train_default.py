@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,8 +114,8 @@ def test_resumed_optimizer_state_keeps_moments_and_this_runs_flags():
 
 
 def test_set_overrides_are_checked():
-    cfg = td.apply_overrides(td.TrainConfig(), ["t_focus_frac=0.35", "unet_time=340", "res_cycle=[128, 256]"])
-    assert (cfg.t_focus_frac, cfg.unet_time, cfg.res_cycle) == (0.35, 340, (128, 256))
+    cfg = td.apply_overrides(td.TrainConfig(), ["t_focus_frac=0.5", "unet_time=340", "res_cycle=[128, 256]"])
+    assert (cfg.t_focus_frac, cfg.unet_time, cfg.res_cycle) == (0.5, 340, (128, 256))
     with pytest.raises(ValueError, match="KEY one of"):
         td.apply_overrides(td.TrainConfig(), ["unet_tim=340"])
     with pytest.raises(ValueError, match="t_focus_frac must be in"):
@@ -128,9 +129,13 @@ def test_set_overrides_are_checked():
 def test_timestep_focus_share():
     torch.manual_seed(0)
     trainer = _tiny_trainer(torch.device("cpu"), graphs=False)
+    assert trainer.cfg.t_focus_frac == 0.35  # the default (the shipped recipe)
     t = trainer.sample_timesteps(20_000)
     assert t.min() >= 0 and t.max() == 999
-    assert abs(float((t >= 600).float().mean()) - 0.4) < 0.02  # uniform (default, the shipped recipe)
+    assert abs(float((t >= 600).float().mean()) - 0.65 * 0.4) < 0.02  # only the unfocused 65% reach t >= 600
+    trainer.cfg = dataclasses.replace(trainer.cfg, t_focus_frac=0.0)
+    t = trainer.sample_timesteps(20_000)
+    assert abs(float((t >= 600).float().mean()) - 0.4) < 0.02  # uniform
     trainer.cfg = dataclasses.replace(trainer.cfg, t_focus_frac=0.7, t_focus_max=600)
     t = trainer.sample_timesteps(20_000)
     assert abs(float((t >= 600).float().mean()) - 0.3 * 0.4) < 0.02  # only the unfocused 30% reach t >= 600
@@ -175,3 +180,14 @@ def test_resume_from_a_run_without_graphs_captures_on_cuda():
     for _ in range(4):  # warm-ups, capture, replays
         loss = graphed(128)
     assert 128 in graphed._graphs and torch.isfinite(loss)
+
+
+def test_config_defaults_are_the_shipped_recipe():
+    """`python -m visattn.pipelines.train_default` with no --set reproduces the shipped checkpoint's recipe: the
+    defaults equal the config saved next to the shipped weights (seed included)."""
+    from visattn.pipelines.default_model import DEFAULT_MODEL_DIR
+
+    saved = json.loads((Path(DEFAULT_MODEL_DIR) / "train_config.json").read_text())
+    defaults = json.loads(json.dumps(dataclasses.asdict(td.TrainConfig())))  # tuples -> lists, as saved
+    assert saved["config"] == defaults
+    assert saved["seed"] == defaults["seed"] == 0
