@@ -8,6 +8,7 @@
 #   bash benchmarks/run_on_device.sh na-issue        # NA: what the issue names beyond the forward (e2e step, Flex)
 #   bash benchmarks/run_on_device.sh gpu-tests       # every test marked gpu
 #   bash benchmarks/run_on_device.sh agent routing consistent
+#   bash benchmarks/run_on_device.sh na-tiles        # NA: 256-row query tiles vs the default (probe, ~3 min)
 #   bash benchmarks/run_on_device.sh na-e2e          # NA: the instrumented e2e step + 64x64 blocks (~3 min)
 #   bash benchmarks/run_on_device.sh train-probe     # default model: training-step timings (eager vs CUDA graph)
 #   bash benchmarks/run_on_device.sh train           # the default model from scratch (about 9 minutes) + its evaluation
@@ -37,6 +38,8 @@ for job in "$@"; do
             --budget-s 430 --out "$OUT/na_h100_b.json" 2>&1 | tail -40 ;;
     na-issue) timeout 560 python3 benchmarks/bench_neighborhood.py --sections e2e,flex,flex-untiled --budget-s 520 \
             --out "$OUT/na_h100_issue.json" 2>&1 | tail -40 ;;
+    na-tiles) timeout 240 python3 benchmarks/probe_na_tiles.py --budget-s 200 --out "$OUT/na_tiles_probe.json" 2>&1 \
+            | grep -v -i warn | tail -40 ;;
     na-e2e) timeout 200 python3 benchmarks/bench_neighborhood.py --sections e2e,64x64 --budget-s 170 \
             --out "$OUT/na_h100_e2e.json" 2>&1 | tail -30 ;;
     train-probe) timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train_default.py 2>&1 | tail -5
@@ -61,6 +64,6 @@ for job in "$@"; do
         --classifier /tmp/run/shapes_classifier.safetensors --device cuda --n 200 --guidance 2.5 4 \
         --sizes 128 256 --json "$OUT/eval.json" --grid "$OUT/default_samples.png" --grid-sizes 128 256 512 2>&1 \
         | grep -v -i -E "warn|Loading|accelerate" | tail -8 ;;
-    *) echo "unknown job $job (allowed: na-a, na-b, na-issue, na-e2e, train-probe, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
+    *) echo "unknown job $job (allowed: na-a, na-b, na-issue, na-e2e, na-tiles, train-probe, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
   esac
 done
