@@ -1,5 +1,6 @@
 """Where the default model's training time goes (issue 9): UNet + text-encoder step time per resolution and
-batch, eager vs CUDA-graph replay (the same ``UNetStep`` the training script runs), latent encoding per
+batch, eager vs CUDA-graph replay (the same ``UNetStep`` the training script runs; also channels_last and
+torch.compile variants, see ``--modes``), latent encoding per
 resolution and caption tokenization. Random latents and token ids stand in for the data (same shapes).
 
     python benchmarks/bench_train_default.py --out benchmarks/results/train_default_h100.json
@@ -116,7 +117,9 @@ def main() -> None:
                 results["steps"].append(row)
                 print(row, flush=True)
                 if args.profile and mode in ("eager", "cl") and batch == int(args.batches.split(",")[0]):
-                    results.setdefault("profile" if mode == "eager" else f"profile_{mode}", {})[res] = profile_step(lambda res=res, trainer=trainer: trainer(res), dev, sync)
+                    key = "profile" if mode == "eager" else f"profile_{mode}"
+                    results.setdefault(key, {})[res] = profile_step(lambda res=res, trainer=trainer: trainer(res),
+                                                                    dev, sync)
             del trainer, unet, te, ema_u, ema_t
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
