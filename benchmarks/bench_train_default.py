@@ -1,7 +1,7 @@
 """Where the default model's training time goes (issue 9): UNet + text-encoder step time per resolution and
 batch, eager vs CUDA-graph replay (the same ``UNetStep`` the training script runs; also channels_last and
-torch.compile variants, see ``--modes``), latent encoding per
-resolution and caption tokenization. Random latents and token ids stand in for the data (same shapes).
+torch.compile variants, see ``--modes``), latent encoding per resolution and caption tokenization. Random
+latents and token ids stand in for the data (same shapes).
 
     python benchmarks/bench_train_default.py --out benchmarks/results/train_default_h100.json
 """
