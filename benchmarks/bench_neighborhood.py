@@ -56,6 +56,7 @@ from _timing import median_ms  # noqa: E402
 
 from visattn.functional import neighborhood_attention  # noqa: E402
 from visattn.kernels import block_sparse_attention  # noqa: E402
+from visattn.kernels.gather import gather_tokens  # noqa: E402
 from visattn.kernels.layout import block_lists  # noqa: E402
 from visattn.methods import _na_layout as nl  # noqa: E402
 from visattn.methods._na_mask import axis_windows, make_mask_mod  # noqa: E402
@@ -291,6 +292,9 @@ def section_fwd(c: Case, rec: Recorder, reps: int, warmup: int, quick: bool) -> 
     if lay.perm_q is not None:
         inv = lay.inv_perm_q
         rec.put(r, "permute_ms", _try(lambda: c.time(
+            lambda: [gather_tokens(t, lay.perm_q) for t in (c.q, c.k, c.v)] + [gather_tokens(qp, inv)],
+            reps, warmup)))
+        rec.put(r, "permute_index_select_ms", _try(lambda: c.time(
             lambda: [t.index_select(2, lay.perm_q) for t in (c.q, c.k, c.v)] + [qp.index_select(2, inv)],
             reps, warmup)))
     else:

@@ -7,8 +7,10 @@
 #   bash benchmarks/run_on_device.sh na-b            # NA: 64x64 blocks, Flex same layout / untiled / backward
 #   bash benchmarks/run_on_device.sh na-issue        # NA: what the issue names beyond the forward (e2e step, Flex)
 #   bash benchmarks/run_on_device.sh gpu-tests       # every test marked gpu
+#   bash benchmarks/run_on_device.sh na-fwd          # NA: the forward section only (~4 min)
 #   bash benchmarks/run_on_device.sh agent routing consistent
 #   bash benchmarks/run_on_device.sh na-tiles        # NA: 256-row query tiles vs the default (probe, ~3 min)
+#   bash benchmarks/run_on_device.sh na-kernel       # NA: forward-kernel variants (partial-mask bits, stages) (~4 min)
 #   bash benchmarks/run_on_device.sh na-e2e          # NA: the instrumented e2e step + 64x64 blocks (~3 min)
 #   bash benchmarks/run_on_device.sh train-probe     # default model: training-step timings (eager vs CUDA graph)
 #   bash benchmarks/run_on_device.sh train           # the default model from scratch (about 9 minutes) + its evaluation
@@ -40,14 +42,21 @@ for job in "$@"; do
             --out "$OUT/na_h100_issue.json" 2>&1 | tail -40 ;;
     na-tiles) timeout 240 python3 benchmarks/probe_na_tiles.py --budget-s 200 --out "$OUT/na_tiles_probe.json" 2>&1 \
             | grep -v -i warn | tail -40 ;;
+    na-kernel)  # KCASES / KMODES / KCONF (JSON [[block, config-or-null], ...]) override the defaults
+      conf='[[[128,64],null],[[128,64],{"bits":"reshape"}],[[128,64],{"num_stages":2}],[[128,64],{"num_stages":2,"bits":"reshape"}]]'
+      timeout 560 python3 benchmarks/probe_na_tiles.py --cases "${KCASES:-2d-na,3d-na}" --modes "${KMODES:-fused_q}" \
+        --budget-s 500 --nomask --configs "${KCONF:-$conf}" --out "$OUT/na_kernel_probe.json" 2>&1 \
+        | grep -v -i warn | tail -30 ;;
     na-e2e) timeout 200 python3 benchmarks/bench_neighborhood.py --sections e2e,64x64 --budget-s 170 \
             --out "$OUT/na_h100_e2e.json" 2>&1 | tail -30 ;;
     train-probe) timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train_default.py 2>&1 | tail -5
             timeout 330 python3 benchmarks/bench_train_default.py --profile --batches 256 \
               --modes "${PROBE_MODES:-eager,graph,cl,cl-graph,compile}" --out "$OUT/train_default_h100.json" 2>&1 \
               | grep -v -i warn | tail -60 ;;
-    gpu-tests) # shellcheck disable=SC2086  # GPU_TESTS: test paths (default: all of tests/)
-      timeout "${GPU_TESTS_S:-500}" python3 -m pytest -q -p no:cacheprovider -m gpu -rfEs --durations=8 ${GPU_TESTS:-tests} 2>&1 | tail -40 ;;
+    gpu-tests) # shellcheck disable=SC2086  # GPU_TESTS: test paths (default: all of tests/); GPU_MARK="" runs every test in them
+      timeout "${GPU_TESTS_S:-500}" python3 -m pytest -q -p no:cacheprovider -m "${GPU_MARK-gpu}" -rfEs --durations=8 ${GPU_TESTS:-tests} 2>&1 | tail -40 ;;
+    na-fwd) timeout 330 python3 benchmarks/bench_neighborhood.py --sections fwd --budget-s 300 \
+            --out "$OUT/neighborhood_h100_fwd.json" 2>&1 | tail -30 ;;
     agent) timeout 240 python3 benchmarks/bench_agent.py --kernels --out "$OUT/bench_agent_h100.json" 2>&1 | tail -20 ;;
     routing) timeout 120 python3 benchmarks/bench_routing.py --split --out "$OUT/routing_h100.json" 2>&1 | tail -20 ;;
     consistent)
@@ -64,6 +73,6 @@ for job in "$@"; do
         --classifier /tmp/run/shapes_classifier.safetensors --device cuda --n 200 --guidance 2.5 4 \
         --sizes 128 256 --json "$OUT/eval.json" --grid "$OUT/default_samples.png" --grid-sizes 128 256 512 2>&1 \
         | grep -v -i -E "warn|Loading|accelerate" | tail -8 ;;
-    *) echo "unknown job $job (allowed: na-a, na-b, na-issue, na-e2e, na-tiles, train-probe, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
+    *) echo "unknown job $job (allowed: na-a, na-b, na-issue, na-e2e, na-tiles, na-kernel, na-fwd, train-probe, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
   esac
 done

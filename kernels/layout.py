@@ -12,6 +12,12 @@ real size or 1 for "shared by all"):
   ``partial_mask_ids`` points each entry at a row of ``mask_table (M, BLOCK_M, ceil(BLOCK_N/32))``,
   a bit-packed element mask (bit ``j`` of word ``w`` is key column ``32*w + j`` of the block).
 
+Optional ``mask_factors = (bias (M, BLOCK_M, W), onehot (W, BLOCK_N))`` (bf16, from :func:`factor_masks`):
+the same masks written as per-row, per-axis additive biases (0 kept, ``-MASK_BIG`` dropped) and a one-hot
+map from key columns to axis coordinates, so that ``bias[m] @ onehot`` is 0 on kept elements and at most
+``-MASK_BIG`` elsewhere. Kernels may use it to mask PARTIAL blocks with one small matrix product instead of
+per-element bit tests; ``mask_table`` stays the source of truth.
+
 Each row's lists are sorted ascending; entries past the count are padding (0). A key block that runs
 past ``seq_len_k`` is never FULL: constructors move it to PARTIAL with the out-of-range bits cleared,
 so kernels need no bounds test on FULL blocks.
@@ -24,7 +30,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["BlockLayout", "MaskMod", "block_lists", "pack_bits", "unpack_bits"]
+__all__ = ["BlockLayout", "MaskMod", "block_lists", "pack_bits", "unpack_bits", "factor_masks", "MASK_BIG"]
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``mask_mod(b, h, q_idx, kv_idx) -> bool``, called with broadcastable int64 tensors (original positions)."""
@@ -64,6 +70,50 @@ def unpack_bits(words: torch.Tensor, block_n: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :block_n].bool()
 
 
+MASK_BIG = 2.0 ** 100  # exact in bf16; far beyond any real score, finite so one-hot products stay NaN-free
+_FACTOR_MAX_WIDTH = 32  # wider one-hot maps (1-D blocks) would cost more than the bit tests they replace
+
+
+def factor_masks(mask_table: torch.Tensor, block_n: int, dims: Tuple[int, ...]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Write bit-packed block masks as sums of per-axis biases, or ``None`` if they do not factor.
+
+    Key column ``c`` of a block is taken as the row-major point ``unravel(c, dims)`` (``prod(dims) ==
+    block_n``, e.g. an 8x8 key tile). Every mask row must be the AND of one condition per axis (as
+    neighborhood windows are); this is checked exactly. Returns ``(bias, onehot)``: ``bias (M, BLOCK_M, W)``
+    holds 0 where a row keeps that axis coordinate and ``-MASK_BIG`` where not, ``onehot (W, block_n)``
+    maps columns to their coordinates, ``W = sum(dims)`` rounded up to 16; both bf16. ``bias[m] @ onehot``
+    is 0 exactly on kept elements.
+    """
+    if math.prod(int(d) for d in dims) != block_n:
+        return None
+    dims = tuple(int(d) for d in dims if int(d) > 1) or (1,)  # axes of extent 1 need no factor
+    width = sum(dims)
+    if width > _FACTOR_MAX_WIDTH:
+        return None
+    M, bm, _ = mask_table.shape
+    keep = unpack_bits(mask_table, block_n).view(M, bm, *dims)
+    n = len(dims)
+    proj = [keep.any(dim=tuple(2 + b for b in range(n) if b != a)) for a in range(n)]  # (M, bm, d_a)
+    rebuilt = None
+    for a, pa in enumerate(proj):
+        shape = [M, bm] + [dims[b] if b == a else 1 for b in range(n)]
+        term = pa.view(shape)
+        rebuilt = term if rebuilt is None else rebuilt & term
+    if not torch.equal(rebuilt.expand_as(keep), keep):
+        return None
+    W = -(-width // 16) * 16
+    dev = mask_table.device
+    bias = torch.zeros(M, bm, W, dtype=torch.float32, device=dev)
+    onehot = torch.zeros(W, block_n, dtype=torch.float32, device=dev)
+    coords = torch.stack(torch.unravel_index(torch.arange(block_n, device=dev), dims))  # (n, block_n)
+    off = 0
+    for a, pa in enumerate(proj):
+        bias[..., off:off + dims[a]] = torch.where(pa, 0.0, -MASK_BIG)
+        onehot[off + coords[a], torch.arange(block_n, device=dev)] = 1.0
+        off += dims[a]
+    return bias.to(torch.bfloat16).contiguous(), onehot.to(torch.bfloat16).contiguous()
+
+
 def block_lists(valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """From a bool selection (..., nKB) produce sorted int32 index lists (..., K) padded with 0, and counts (...)."""
     counts = valid.sum(-1).to(torch.int32)
@@ -93,6 +143,7 @@ class BlockLayout:
     perm_q: Optional[torch.Tensor] = None
     perm_k: Optional[torch.Tensor] = None
     mask_mod: Optional[MaskMod] = None
+    mask_factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ shape helpers
@@ -118,15 +169,22 @@ class BlockLayout:
 
     @property
     def inv_perm_q(self) -> Optional[torch.Tensor]:
-        if self.perm_q is None:
+        return self._inverse(self.perm_q, "inv_q")
+
+    @property
+    def inv_perm_k(self) -> Optional[torch.Tensor]:
+        return self._inverse(self.perm_k, "inv_k")
+
+    def _inverse(self, perm: Optional[torch.Tensor], key: str) -> Optional[torch.Tensor]:
+        if perm is None:
             return None
-        inv = self._cache.get("inv_q")
+        inv = self._cache.get(key)
         if inv is None:
             with torch.inference_mode(False):  # cached: must also serve later autograd calls
-                inv = torch.argsort(self.perm_q)
+                inv = torch.argsort(perm)
             # inside a CUDA-graph capture the argsort only runs at replay: never cache such a tensor
             if not (inv.is_cuda and torch.cuda.is_current_stream_capturing()):
-                self._cache["inv_q"] = inv
+                self._cache[key] = inv
         return inv
 
     def check_compatible(self, batch: int, heads: int, seq_len_q: int, seq_len_k: int) -> None:
@@ -393,7 +451,8 @@ class BlockLayout:
         return BlockLayout(self.seq_len_q, self.seq_len_k, self.block_m, self.block_n,
                            mv(self.full_counts), mv(self.full_indices), mv(self.partial_counts),
                            mv(self.partial_indices), mv(self.partial_mask_ids), mv(self.mask_table),
-                           mv(self.perm_q), mv(self.perm_k), self.mask_mod)
+                           mv(self.perm_q), mv(self.perm_k), self.mask_mod,
+                           None if self.mask_factors is None else tuple(mv(t) for t in self.mask_factors))
 
     def __repr__(self) -> str:
         s = self.stats()

@@ -24,6 +24,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .dispatch import Backend, register_backend
+from .gather import permute_tokens
 from .layout import BlockLayout
 
 __all__ = ["triton_block_sparse_attention", "INTERPRET", "CONFIG_OVERRIDES", "kernel_config", "fuse_mode",
@@ -53,6 +54,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # "fwd" tma). Set by benchmarks/tuning; any key part may be None (wildcard); more specific keys win.
 CONFIG_OVERRIDES: Dict[Tuple, dict] = {}
 SHORT_ROW_BLOCKS = 32
+PARTIAL_HEAVY = 0.1
 # Where the layout's token permutation is applied (read at every call, so it can be switched in-process):
 #   False: gather/scatter copies around the kernels;
 #   True:  inside the kernels' loads and stores, no copies (K/V then use pointer loads, not TMA);
@@ -71,23 +73,26 @@ FUSE_PERMUTATION = _FUSE_ENV_VALUES[_FUSE_ENV]
 
 
 def kernel_config(kernel: str, block_m: int, block_n: int, d_pad: int, dtype: torch.dtype) -> dict:
-    """Tile/launch config for ``kernel`` in {"fwd", "fwd_short", "bwd_dq", "bwd_dkdv"}.
+    """Tile/launch config for ``kernel`` in {"fwd", "fwd_short", "fwd_partial", "bwd_dq", "bwd_dkdv"}.
 
     "fwd_short" serves layouts whose rows visit fewer than ``SHORT_ROW_BLOCKS`` key blocks on average
-    (per-program set-up cost matters more there).
+    (per-program set-up cost matters more there); "fwd_partial" layouts where at least
+    ``PARTIAL_HEAVY`` of the visited blocks are PARTIAL (neighborhood windows). Both start from "fwd"
+    and its overrides.
 
     ``TM`` x ``TN`` is the tile one loop step computes (it divides the layout block: a 128x128 layout
     block may run as 128x64 steps); ``num_warps`` / ``num_stages`` as in Triton; ``tma`` loads K/V
     with tensor descriptors (Hopper copy engine). Defaults are the H100 table (benchmarks/results).
     """
-    if kernel == "fwd_short":  # rows with few key blocks: the "fwd" config unless tuned separately
-        cfg = kernel_config("fwd", block_m, block_n, d_pad, dtype)
-    else:
-        cfg = _default_config(kernel, block_m, block_n, d_pad, dtype)
-    for key in ((kernel, None, None, None, None), (kernel, None, None, d_pad, None),
-                (kernel, block_m, block_n, d_pad, None), (kernel, block_m, block_n, d_pad, dtype)):
-        if key in CONFIG_OVERRIDES:
-            cfg.update(CONFIG_OVERRIDES[key])
+    base = "fwd" if kernel in ("fwd_short", "fwd_partial") else kernel
+    cfg = _default_config(base, block_m, block_n, d_pad, dtype)
+    if kernel == "fwd_partial" and dtype != torch.float32 and 64 < d_pad <= 128:
+        cfg["num_stages"] = 2  # 2-D / 3-D NA on the H100: 2-5% faster than 3 stages (fewer spills)
+    for name in dict.fromkeys((base, kernel)):  # "fwd" overrides also steer its two variants
+        for key in ((name, None, None, None, None), (name, None, None, d_pad, None),
+                    (name, block_m, block_n, d_pad, None), (name, block_m, block_n, d_pad, dtype)):
+            if key in CONFIG_OVERRIDES:
+                cfg.update(CONFIG_OVERRIDES[key])
     cfg["TM"] = min(cfg["TM"], block_m)
     cfg["TN"] = min(cfg["TN"], block_n)
     return cfg
@@ -157,8 +162,13 @@ if triton is not None:
                    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TM: tl.constexpr,
                    TN: tl.constexpr,
                    D_PAD: tl.constexpr, MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+                   DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, AT, AE, AXIS_W: tl.constexpr):
         NSUB: tl.constexpr = BLOCK_N // TN
+        if PARTIAL and AXIS_W > 0:
+            offs_w = tl.arange(0, AXIS_W)
+            e_first = tl.load(AE + offs_w[:, None] * BLOCK_N + offs_tn[None, :])  # the only one when NSUB == 1
+            if q.dtype == tl.float32:
+                e_first = e_first.to(tl.float32)
         for t in range(cnt * NSUB):
             kb = tl.load(IDX + t // NSUB)
             n_loc = (t % NSUB) * TN + offs_tn
@@ -173,8 +183,22 @@ if triton is not None:
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            if PARTIAL:
+            if PARTIAL and AXIS_W > 0:  # factored mask: s = bias(row, axis coord) @ onehot(coord, column) + q k^T
+                a = tl.load(AT + tl.load(MIDS + t // NSUB).to(tl.int64) * (BLOCK_M * AXIS_W)
+                            + m_loc[:, None] * AXIS_W + offs_w[None, :])
+                if NSUB == 1:
+                    e = e_first
+                else:
+                    e = tl.load(AE + offs_w[:, None] * BLOCK_N + n_loc[None, :])
+                if q.dtype == tl.float32:
+                    a = a.to(tl.float32)
+                    e = e.to(tl.float32)
+                s = tl.dot(a, e, input_precision=DOT_PREC)  # first: it does not wait for the K tile
+                s = tl.dot(q, tl.trans(k), s, input_precision=DOT_PREC)
+            else:
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            s = s * qk_scale
+            if PARTIAL and AXIS_W == 0:
                 keep = _load_bits(MT, tl.load(MIDS + t // NSUB), m_loc, n_loc, (t % NSUB) * TN, MASK_WORDS,
                                   BLOCK_M, TM, TN, False)
                 s = tl.where(keep, s, float("-inf"))
@@ -199,7 +223,7 @@ if triton is not None:
                     TM: tl.constexpr, TN: tl.constexpr, MASK_WORDS: tl.constexpr, UPCAST: tl.constexpr,
                     DOT_PREC: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
                     HAS_FULL: tl.constexpr, HAS_PARTIAL: tl.constexpr, ORDER, REORDER: tl.constexpr,
-                    PQ, PK, PERM_Q: tl.constexpr, PERM_K: tl.constexpr):
+                    PQ, PK, PERM_Q: tl.constexpr, PERM_K: tl.constexpr, AT, AE, AXIS_W: tl.constexpr):
         SPLIT: tl.constexpr = BLOCK_M // TM
         pid = tl.program_id(0)
         bh = tl.program_id(1)
@@ -233,14 +257,18 @@ if triton is not None:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd,
                                        FI + row.to(tl.int64) * F_W, PM, MT, fc, Nk, qk_scale,
                                        m_loc, offs_tn, offs_d, dmask, PK, PERM_K, False, EVEN_D, BLOCK_M, BLOCK_N, TM, TN, D_PAD,
-                                       MASK_WORDS, UPCAST, DOT_PREC, USE_TMA)
+                                       MASK_WORDS, UPCAST, DOT_PREC, USE_TMA, AT, AE, 0)
         if HAS_PARTIAL:
             pc = tl.load(PC + row)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KD, VD, b, hk, k_base, v_base, skn, skd, svn, svd,
                                        PI + row.to(tl.int64) * P_W, PM + row.to(tl.int64) * P_W, MT, pc, Nk,
                                        qk_scale, m_loc, offs_tn, offs_d, dmask, PK, PERM_K, True, EVEN_D, BLOCK_M,
-                                       BLOCK_N, TM, TN, D_PAD, MASK_WORDS, UPCAST, DOT_PREC, USE_TMA)
+                                       BLOCK_N, TM, TN, D_PAD, MASK_WORDS, UPCAST, DOT_PREC, USE_TMA, AT, AE,
+                                       AXIS_W)
         empty = l_i == 0.0
+        if AXIS_W > 0:  # rows with no kept key saw only biased scores (below -MASK_BIG / 2 = -2**99): zero them
+            empty = empty | (m_i < -6.338253001141147e29 * qk_scale)
+            acc = tl.where(empty[:, None], 0.0, acc)
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         o_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh
         tl.store(O + o_base + qrows[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
@@ -461,7 +489,8 @@ def _layout_info(layout: BlockLayout) -> dict:
         fc, pc = int(layout.full_counts.sum()), int(layout.partial_counts.sum())
         rows = layout.full_counts.numel()
         layout._cache["triton_info"] = {"HAS_FULL": fc > 0, "HAS_PARTIAL": pc > 0,
-                                        "mean_row": (fc + pc) / max(rows, 1)}
+                                        "mean_row": (fc + pc) / max(rows, 1),
+                                        "partial_frac": pc / max(fc + pc, 1)}
     return layout._cache["triton_info"]
 
 
@@ -552,8 +581,10 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool, fused=F
     nqb = layout.num_q_blocks
     lay_sb, lay_sh = _row_strides(layout, nqb)
     c = _common_consts(q, layout)
-    short = _layout_info(layout)["mean_row"] < SHORT_ROW_BLOCKS
-    cfg, opts = _launch("fwd_short" if short else "fwd", c, q.dtype)
+    info = _layout_info(layout)
+    kname = ("fwd_short" if info["mean_row"] < SHORT_ROW_BLOCKS
+             else "fwd_partial" if info["partial_frac"] >= PARTIAL_HEAVY else "fwd")
+    cfg, opts = _launch(kname, c, q.dtype)
     perm = _perm_args(layout, fused)
     use_tma = bool(cfg.get("tma")) and not perm["PERM_K"] and _tma_ok(k) and _tma_ok(v)
     if use_tma:
@@ -562,6 +593,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool, fused=F
         vd = _TensorDescriptor(v, list(v.shape), list(v.stride()), blk)
     else:
         kd, vd = k, v
+    factors = layout.mask_factors if (c["HAS_PARTIAL"] and cfg.get("factors", True)) else None
     grid = (nqb * (c["BLOCK_M"] // cfg["TM"]), B * H)
     _fwd_kernel[grid](
         q, k, v, kd, vd, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -569,6 +601,8 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool, fused=F
         layout.partial_mask_ids, layout.mask_table, lay_sb, lay_sh,
         layout.full_indices.shape[-1], layout.partial_indices.shape[-1],
         H, H // Hkv, Nq, Nk, scale * LOG2E, TM=cfg["TM"], TN=cfg["TN"], STORE_LSE=need_lse, USE_TMA=use_tma,
+        AT=layout.mask_table if factors is None else factors[0],
+        AE=layout.mask_table if factors is None else factors[1], AXIS_W=0 if factors is None else factors[0].shape[-1],
         **_order_args(layout, False), **perm, **c, **opts)
     return o, (lse if need_lse else None)
 
@@ -667,10 +701,20 @@ def _heads_last(t: torch.Tensor) -> bool:
     return t.shape[1] > 1 and t.shape[2] > 1 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous()
 
 
-def _unpermute_like(o: torch.Tensor, inv: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _permute(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """``x[:, :, perm]`` in one copy: the Triton gather on CUDA (differentiable), ``index_select`` on the CPU."""
+    if x.is_cuda:
+        return permute_tokens(x, perm, inv)
+    return x.index_select(2, perm)
+
+
+def _unpermute_like(o: torch.Tensor, inv: torch.Tensor, like: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``o[:, :, inv]`` in one copy, laid out like ``like``: heads-last inputs get a heads-last output, so
     the caller's ``out.transpose(1, 2).reshape(B, N, H * D)`` is a view, not a second copy."""
-    if _heads_last(like):
+    heads_last = _heads_last(like)
+    if o.is_cuda:
+        return permute_tokens(o, inv, perm, heads_last=heads_last)
+    if heads_last:
         return o.transpose(1, 2).index_select(1, inv).transpose(1, 2)
     return o.index_select(2, inv)
 
@@ -686,9 +730,9 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     (``"q"``: the Q gather and the output scatter inside the kernel, K/V by copies that keep TMA loads), or
     ``"auto"`` (the default: "q" / True on CUDA inference by whether the layout has PARTIAL blocks, else copies).
     ``fuse_permutation=None`` reads the module flag ``FUSE_PERMUTATION`` (env
-    ``VISATTN_FUSE_PERMUTATION=1`` / ``q``) at call time. Each copy is one ``index_select`` that also does
-    the heads transpose of heads-last inputs; the output has q's layout ((B, N, H, D) memory for a
-    heads-last q). Returns ``out`` or ``(out, lse)`` with lse fp32 (B, H, Nq).
+    ``VISATTN_FUSE_PERMUTATION=1`` / ``q``) at call time. Each copy is one gather (``kernels/gather.py``
+    on CUDA, ``index_select`` on the CPU) that also does the heads transpose of heads-last inputs; the
+    output has q's layout ((B, N, H, D) memory for a heads-last q). Returns ``out`` or ``(out, lse)`` with lse fp32 (B, H, Nq).
     Prefer :func:`visattn.kernels.block_sparse_attention`.
     """
     why = _probe(q, layout, False)
@@ -699,13 +743,13 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     fq, fk = fuse_mode(resolve_fuse_mode(mode, q, k, v, layout))
     pq, pk = layout.perm_q, layout.perm_k
     fq, fk = fq and pq is not None, fk and pk is not None
-    qp = q if pq is None or fq else q.index_select(2, pq)
-    kp = k if pk is None or fk else k.index_select(2, pk)
-    vp = v if pk is None or fk else v.index_select(2, pk)
+    qp = q if pq is None or fq else _permute(q, pq, layout.inv_perm_q)
+    kp = k if pk is None or fk else _permute(k, pk, layout.inv_perm_k)
+    vp = v if pk is None or fk else _permute(v, pk, layout.inv_perm_k)
     o, lse = _run(qp, kp, vp, layout, scale, return_lse, (fq, fk))
     if pq is not None and not fq:
         inv = layout.inv_perm_q
-        o = _unpermute_like(o, inv, q)
+        o = _unpermute_like(o, inv, q, pq)
         lse = None if lse is None else lse.index_select(2, inv)
     return (o, lse) if return_lse else o
 

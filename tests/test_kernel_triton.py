@@ -241,8 +241,8 @@ def test_dispatcher_errors_and_auto():
 
 def test_block_size_probe():
     bm = torch.ones(1, 1, 2, 2, dtype=torch.bool)
-    lay = BlockLayout.from_block_mask(bm, block_size=24, seq_lens=48)
-    assert "power of two" in tb._probe(torch.empty(1, 1, 48, 32), lay, False)
+    lay = BlockLayout.from_block_mask(bm, block_size=24, seq_lens=48).to(DEV)
+    assert "power of two" in tb._probe(torch.empty(1, 1, 48, 32, device=DEV), lay, False)
 
 
 def test_xformers_plan_detection():

@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..kernels.layout import BlockLayout, block_lists
+from ..kernels.layout import BlockLayout, block_lists, factor_masks
 from ._na_mask import NASpec, axis_windows, make_mask_mod
 from ._na_table import build_mask_table
 
@@ -330,6 +330,9 @@ def _build(spec: NASpec, block_size: Tuple[int, int], device: torch.device) -> T
     lperm = None if identity else perm
     layout = BlockLayout(N, N, bm, bn, f_cnt, f_idx, p_cnt, p_idx, mask_ids, table, lperm, lperm, mm)
     _dedup_masks(layout)
+    # NA windows are per-axis conditions: with one key sub-tile per block the forward can mask PARTIAL
+    # blocks with a one-hot product (None when some mask does not factor, e.g. global tokens in the block)
+    layout.mask_factors = factor_masks(layout.mask_table, bn, sub)
     info = {"tile": tile, "sub_tile": sub}
     layout._cache.update(info)
     if identity:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.dispatch import block_sparse_attention
+from ..kernels.gather import permute_tokens
 from ..methods._na_layout import auto_block_size, get_layout
 from ..methods.neighborhood import BoolOrTuple, IntOrTuple, _per_axis, make_spec
 
@@ -72,11 +73,12 @@ class _NeighborhoodAttentionND(nn.Module):
             layout = get_layout(spec, bs, x.device, kernel_order=True)
             inv = permuted.inv_perm_q
             if permuted.perm_q is not None:  # None: the tiled order is the original one
-                x = x.index_select(1, permuted.perm_q)
+                x = permute_tokens(x.unsqueeze(1), permuted.perm_q, inv).squeeze(1)
             qkv = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
             out = block_sparse_attention(*qkv.unbind(0), layout, scale=self.scale, backend=self.backend)
-        out = out.transpose(1, 2)  # (B, N, H, Dh), kernel order
-        out = out.reshape(B, N, C) if inv is None else out.index_select(1, inv).reshape(B, N, C)
+        if inv is not None:  # back to the original order, into (B, N, H, Dh) memory in the same copy
+            out = permute_tokens(out, inv, permuted.perm_q, heads_last=True)
+        out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out)).reshape(B, *spatial, C)
 
 
