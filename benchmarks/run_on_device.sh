@@ -8,6 +8,7 @@
 #   bash benchmarks/run_on_device.sh na-issue        # NA: what the issue names beyond the forward (e2e step, Flex)
 #   bash benchmarks/run_on_device.sh gpu-tests       # every test marked gpu
 #   bash benchmarks/run_on_device.sh na-fwd          # NA: the forward section only (~4 min)
+#   bash benchmarks/run_on_device.sh gather          # token gather vs index_select; e2e-shaped NA call per mode
 #   bash benchmarks/run_on_device.sh agent routing consistent
 #   bash benchmarks/run_on_device.sh na-tiles        # NA: 256-row query tiles vs the default (probe, ~3 min)
 #   bash benchmarks/run_on_device.sh na-kernel       # NA: forward-kernel variants (partial-mask bits, stages) (~4 min)
@@ -55,6 +56,7 @@ for job in "$@"; do
               | grep -v -i warn | tail -60 ;;
     gpu-tests) # shellcheck disable=SC2086  # GPU_TESTS: test paths (default: all of tests/); GPU_MARK="" runs every test in them
       timeout "${GPU_TESTS_S:-500}" python3 -m pytest -q -p no:cacheprovider -m "${GPU_MARK-gpu}" -rfEs --durations=8 ${GPU_TESTS:-tests} 2>&1 | tail -40 ;;
+    gather) timeout 200 python3 benchmarks/probe_gather.py --out "$OUT/gather_probe.json" 2>&1 | grep -v -i warn | tail -8 ;;
     na-fwd) timeout 330 python3 benchmarks/bench_neighborhood.py --sections fwd --budget-s 300 \
             --out "$OUT/neighborhood_h100_fwd.json" 2>&1 | tail -30 ;;
     agent) timeout 240 python3 benchmarks/bench_agent.py --kernels --out "$OUT/bench_agent_h100.json" 2>&1 | tail -20 ;;
@@ -73,6 +75,6 @@ for job in "$@"; do
         --classifier /tmp/run/shapes_classifier.safetensors --device cuda --n 200 --guidance 2.5 4 \
         --sizes 128 256 --json "$OUT/eval.json" --grid "$OUT/default_samples.png" --grid-sizes 128 256 512 2>&1 \
         | grep -v -i -E "warn|Loading|accelerate" | tail -8 ;;
-    *) echo "unknown job $job (allowed: na-a, na-b, na-issue, na-e2e, na-tiles, na-kernel, na-fwd, train-probe, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
+    *) echo "unknown job $job (allowed: na-a, na-b, na-issue, na-e2e, na-tiles, na-kernel, na-fwd, gather, train-probe, gpu-tests, agent, routing, consistent, train)"; exit 2 ;;
   esac
 done

@@ -21,6 +21,9 @@ except Exception:  # pragma: no cover - depends on the install
     tl = None  # type: ignore[assignment]
 
 _ROWS = 64  # tokens per program
+# below this many bytes moved, index_select's cheaper launch wins (H100: the Triton copy moves 2.8 TB/s vs
+# 1.25 TB/s, but its launch costs ~40 us more host time; benchmarks/results/gather_probe_h100.json)
+MIN_TRITON_BYTES = 64 << 20
 
 if triton is not None:
 
@@ -48,12 +51,14 @@ def _empty_out(x: torch.Tensor, n: int, heads_last: bool) -> torch.Tensor:
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, heads_last: bool = False) -> torch.Tensor:
     """``x[:, :, idx]`` for ``x`` (B, H, N, D) and int ``idx`` (M,) with entries in [0, N); the result is
-    (B, H, M, D), in (B, M, H, D) memory when ``heads_last``. Triton on CUDA, ``index_select`` elsewhere."""
+    (B, H, M, D), in (B, M, H, D) memory when ``heads_last``. Triton on CUDA for copies of at least
+    ``MIN_TRITON_BYTES``, ``index_select`` otherwise."""
     if x.dim() != 4:
         raise ValueError(f"x must be (B, H, N, D), got shape {tuple(x.shape)}")
     if idx.dim() != 1:
         raise ValueError(f"idx must be 1-D, got shape {tuple(idx.shape)}")
-    if triton is None or not x.is_cuda or x.numel() == 0 or idx.numel() == 0:
+    moved = 2 * idx.numel() * x.shape[0] * x.shape[1] * x.shape[3] * x.element_size()
+    if triton is None or not x.is_cuda or x.numel() == 0 or idx.numel() == 0 or moved < MIN_TRITON_BYTES:
         idx = idx.to(device=x.device, dtype=torch.long)
         if heads_last:
             return x.transpose(1, 2).index_select(1, idx).transpose(1, 2)

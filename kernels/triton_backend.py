@@ -55,12 +55,17 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CONFIG_OVERRIDES: Dict[Tuple, dict] = {}
 SHORT_ROW_BLOCKS = 32
 PARTIAL_HEAVY = 0.1
+# "auto" takes mode "q" (K/V by copies that keep TMA loads) when K and V hold at least this many bytes, else
+# fused: below it the extra launches cost more host time than the TMA loads save. H100, 24 heads: 2-D NA "q"
+# 13.0 vs fused 14.0 ms, 2-D GNA 9.9 vs 10.5, 3-D NA 52.5 vs 60.8, 3-D GNA 30.4 vs 30.2; a 128x128 + 512-token,
+# 4-head call: host 0.48 vs 0.21 ms in a host-bound step (benchmarks/results/gather_probe_h100.json).
+Q_MODE_MIN_BYTES = 64 << 20
 # Where the layout's token permutation is applied (read at every call, so it can be switched in-process):
 #   False: gather/scatter copies around the kernels;
 #   True:  inside the kernels' loads and stores, no copies (K/V then use pointer loads, not TMA);
 #   "q":   Q gather and output scatter inside the kernels, K/V by copies (K/V keep TMA loads);
-#   "auto" (default): on CUDA without autograd, "q" for layouts with PARTIAL blocks and True for all-FULL
-#          layouts (both faster than copies in every H100 NA case, identical outputs; docs/BENCHMARKS.md);
+#   "auto" (default): on CUDA without autograd, "q" when K/V are large (Q_MODE_MIN_BYTES), else True
+#          (both faster than copies in the H100 NA cases, identical outputs; docs/BENCHMARKS.md);
 #          copies on the CPU interpreter and when gradients are needed (the backward was measured with copies).
 # Env VISATTN_FUSE_PERMUTATION: "1"/"true"/"all" -> True, "q" -> "q", "0"/"false"/"copy" -> False, unset -> "auto".
 _FUSE_ENV = os.environ.get("VISATTN_FUSE_PERMUTATION", "auto").strip().lower()
@@ -687,13 +692,18 @@ def fuse_mode(value) -> Tuple[bool, bool]:
 
 
 def resolve_fuse_mode(value, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout):
-    """The concrete mode (False, True or "q") for one call; "auto" picks by device, autograd and layout."""
+    """The concrete mode (False, True or "q") for one call; "auto" picks by device, autograd, permutation and size."""
     if not (isinstance(value, str) and value.strip().lower() == "auto"):
         return value
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.device.type != "cuda" or needs_grad or (layout.perm_q is None and layout.perm_k is None):
         return False
-    return "q" if _layout_info(layout)["HAS_PARTIAL"] else True
+    return "q" if _nbytes(k) + _nbytes(v) >= Q_MODE_MIN_BYTES else True
+
+
+def _nbytes(t) -> int:
+    shape = getattr(t, "shape", None)
+    return 0 if shape is None else t.numel() * t.element_size()
 
 
 def _heads_last(t: torch.Tensor) -> bool:
@@ -728,7 +738,7 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     is applied by gather/scatter copies around the kernels (``False``), inside the kernels'
     loads and stores (``True``: no copies; K/V loads then use pointers, not TMA), half and half
     (``"q"``: the Q gather and the output scatter inside the kernel, K/V by copies that keep TMA loads), or
-    ``"auto"`` (the default: "q" / True on CUDA inference by whether the layout has PARTIAL blocks, else copies).
+    ``"auto"`` (the default: on CUDA inference "q" for large K/V, True for small ones, else copies).
     ``fuse_permutation=None`` reads the module flag ``FUSE_PERMUTATION`` (env
     ``VISATTN_FUSE_PERMUTATION=1`` / ``q``) at call time. Each copy is one gather (``kernels/gather.py``
     on CUDA, ``index_select`` on the CPU) that also does the heads transpose of heads-last inputs; the

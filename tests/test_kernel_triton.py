@@ -388,8 +388,8 @@ def test_fuse_mode_values():
 
 
 def test_fuse_mode_auto_resolution():
-    """'auto' (the default): copies on the CPU and under autograd; on CUDA inference "q" for layouts with PARTIAL
-    blocks and True for all-FULL ones; copies when the layout has no permutation."""
+    """'auto' (the default): copies on the CPU and under autograd; on CUDA inference "q" for large K/V and True
+    for small ones; copies when the layout has no permutation."""
     from types import SimpleNamespace
 
     assert tb.FUSE_PERMUTATION == "auto" or os.environ.get("VISATTN_FUSE_PERMUTATION")
@@ -403,11 +403,17 @@ def test_fuse_mode_auto_resolution():
     plain = BlockLayout.from_mask_mod(lambda b, h, qi, ki: qi >= ki, batch=None, heads=None, seq_lens=64,
                                       block_size=16)
     cpu = torch.zeros(1)
-    cuda = SimpleNamespace(device=torch.device("cuda"), requires_grad=False)
+    big = tb.Q_MODE_MIN_BYTES // 2  # K and V of this many bytes each: "q"
+    cuda = SimpleNamespace(device=torch.device("cuda"), requires_grad=False, shape=(big,), numel=lambda: big,
+                           element_size=lambda: 1)
+    small = SimpleNamespace(device=torch.device("cuda"), requires_grad=False, shape=(8,), numel=lambda: 8,
+                            element_size=lambda: 2)
     cuda_grad = SimpleNamespace(device=torch.device("cuda"), requires_grad=True)
     assert tb.resolve_fuse_mode("auto", cpu, cpu, cpu, part) is False
     assert tb.resolve_fuse_mode("auto", cuda, cuda, cuda, part) == "q"
-    assert tb.resolve_fuse_mode("auto", cuda, cuda, cuda, full) is True
+    assert tb.resolve_fuse_mode("auto", small, small, small, part) is True  # small calls: fewer launches
+    assert tb.resolve_fuse_mode("auto", cuda, cuda, cuda, full) == "q"
+    assert tb.resolve_fuse_mode("auto", small, small, small, full) is True
     assert tb.resolve_fuse_mode("auto", cuda, cuda, cuda, plain) is False
     assert tb.resolve_fuse_mode("auto", cuda_grad, cuda, cuda, part) is False
     with torch.no_grad():
