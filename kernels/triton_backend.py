@@ -489,7 +489,9 @@ def _row_strides(layout: BlockLayout, n_rows: int) -> Tuple[int, int]:
 
 
 def _layout_info(layout: BlockLayout) -> dict:
-    """Per-layout facts the launch needs (one host sync, cached): which loops exist, mean row length."""
+    """Per-layout facts the launch needs (one host sync, cached): which loops exist, mean row length, PARTIAL
+    fraction. Layout builders that know them may pre-fill ``_cache["triton_info"]`` (``partial_frac``
+    optional: absent means not PARTIAL-heavy)."""
     if "triton_info" not in layout._cache:
         fc, pc = int(layout.full_counts.sum()), int(layout.partial_counts.sum())
         rows = layout.full_counts.numel()
@@ -588,7 +590,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool, fused=F
     c = _common_consts(q, layout)
     info = _layout_info(layout)
     kname = ("fwd_short" if info["mean_row"] < SHORT_ROW_BLOCKS
-             else "fwd_partial" if info["partial_frac"] >= PARTIAL_HEAVY else "fwd")
+             else "fwd_partial" if info.get("partial_frac", 0.0) >= PARTIAL_HEAVY else "fwd")
     cfg, opts = _launch(kname, c, q.dtype)
     perm = _perm_args(layout, fused)
     use_tma = bool(cfg.get("tma")) and not perm["PERM_K"] and _tma_ok(k) and _tma_ok(v)

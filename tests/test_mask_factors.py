@@ -108,3 +108,16 @@ def test_fwd_partial_config_uses_two_stages_and_follows_fwd_overrides():
     finally:
         tb.CONFIG_OVERRIDES.clear()
         tb.CONFIG_OVERRIDES.update(saved)
+
+
+@needs_kernel
+def test_prefilled_layout_info_without_partial_fraction_still_runs():
+    """Routing layouts pre-fill the launch facts without ``partial_frac``: the forward must not need it."""
+    lay = BlockLayout.from_mask_mod(lambda b, h, q, k: q >= k, batch=None, heads=None, seq_lens=64, block_size=16,
+                                    device=DEV)
+    lay._cache["triton_info"] = {"HAS_FULL": True, "HAS_PARTIAL": True, "mean_row": 2.5}
+    g = torch.Generator(device=DEV).manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 64, 32, device=DEV, generator=g) for _ in range(3))
+    out = block_sparse_attention(q, k, v, lay, backend="triton")
+    ref = masked_attention(q.double(), k.double(), v.double(), lay.to_dense())
+    assert (out.double() - ref).abs().max().item() < 2e-5

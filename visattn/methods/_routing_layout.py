@@ -35,6 +35,7 @@ import torch
 from ._cache import plain_tensors
 import torch.nn.functional as F
 
+from ..kernels.gather import MIN_TRITON_BYTES, permute_tokens
 from ..kernels.layout import BlockLayout, block_lists, pack_bits
 from . import _routing_core as core
 
@@ -45,6 +46,11 @@ _BIG = 1 << 30
 
 def _pos_key(device) -> str:
     return str(torch.device(device))
+
+
+def _big_cuda(x: torch.Tensor) -> bool:
+    """A CUDA tensor large enough for the Triton token gather (kernels/gather.py) to beat a strided copy."""
+    return x.is_cuda and 2 * x.numel() * x.element_size() >= MIN_TRITON_BYTES
 
 
 @dataclass(eq=False)
@@ -91,6 +97,8 @@ class RoutingPlan:
     def permute_in(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, N, D) in original order -> (B, H, Nw, D) in kernel order (padding cells are zero tokens)."""
         B, H, N, D = x.shape
+        if self.view_perm and _big_cuda(x):  # one Triton gather (2.8 vs ~0.7 TB/s for the strided copy)
+            return permute_tokens(x, self.order.perm, self.order.inv)
         if self.view_perm:
             S, rh, rw = self.S, self.rh, self.rw
             return x.reshape(B, H, S, rh, S, rw, D).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, N, D)
@@ -101,6 +109,8 @@ class RoutingPlan:
     def permute_out(self, o: torch.Tensor) -> torch.Tensor:
         """(B, H, Nw, D) in kernel order -> (B, H, N, D) in original order (padding cells dropped)."""
         B, H, _, D = o.shape
+        if self.view_perm and _big_cuda(o):
+            return permute_tokens(o, self.order.inv, self.order.perm)
         if self.view_perm:
             S, rh, rw = self.S, self.rh, self.rw
             return o.reshape(B, H, S, S, rh, rw, D).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, self.num_tokens, D)
