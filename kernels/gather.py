@@ -29,17 +29,19 @@ if triton is not None:
 
     @triton.jit
     def _gather_kernel(X, IDX, Y, N, H, sxb, sxh, sxn, sxd, syb, syh, syn, syd,
-                       D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr):
+                       D: tl.constexpr, D_BLOCK: tl.constexpr, ROWS: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         rmask = rows < N
         src = tl.load(IDX + rows, mask=rmask, other=0).to(tl.int64)
-        d = tl.arange(0, D_PAD)
-        m = rmask[:, None] & (d < D)[None, :]
-        x = tl.load(X + b * sxb + h * sxh + src[:, None] * sxn + d[None, :] * sxd, mask=m)
-        tl.store(Y + b * syb + h * syh + rows[:, None].to(tl.int64) * syn + d[None, :] * syd, x, mask=m)
+        xrow = X + b * sxb + h * sxh + src[:, None] * sxn
+        yrow = Y + b * syb + h * syh + rows[:, None].to(tl.int64) * syn
+        for d0 in tl.static_range(0, D, D_BLOCK):  # wide rows (nn modules gather whole embeddings) in chunks
+            d = d0 + tl.arange(0, D_BLOCK)
+            m = rmask[:, None] & (d < D)[None, :]
+            tl.store(yrow + d[None, :] * syd, tl.load(xrow + d[None, :] * sxd, mask=m), mask=m)
 
 
 def _empty_out(x: torch.Tensor, n: int, heads_last: bool) -> torch.Tensor:
@@ -72,7 +74,7 @@ def _triton_gather(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> tor
     B, H, _, D = x.shape
     grid = (triton.cdiv(idx.numel(), _ROWS), B * H)
     _gather_kernel[grid](x, idx32, out, idx.numel(), H, *x.stride(), *out.stride(),
-                         D=D, D_PAD=triton.next_power_of_2(D), ROWS=_ROWS, num_warps=4)
+                         D=D, D_BLOCK=min(triton.next_power_of_2(D), 128), ROWS=_ROWS, num_warps=4)
     return out
 
 

@@ -14,7 +14,7 @@ needs_kernel = pytest.mark.skipif(not tb.INTERPRET and not torch.cuda.is_availab
 @needs_kernel
 @pytest.mark.parametrize("heads_last_in", [False, True])
 @pytest.mark.parametrize("heads_last_out", [False, True])
-@pytest.mark.parametrize("D", [32, 40])
+@pytest.mark.parametrize("D", [32, 40, 200])  # 200: two 128-wide chunks, the second masked
 def test_triton_gather_equals_index_select(heads_last_in, heads_last_out, D):
     B, H, N = 2, 3, 70
     x = torch.randn(B, N, H, D, device=DEV).transpose(1, 2) if heads_last_in else torch.randn(B, H, N, D, device=DEV)
