@@ -93,7 +93,8 @@ def factor_masks(mask_table: torch.Tensor, block_n: int, dims: Tuple[int, ...]) 
     M, bm, _ = mask_table.shape
     keep = unpack_bits(mask_table, block_n).view(M, bm, *dims)
     n = len(dims)
-    proj = [keep.any(dim=tuple(2 + b for b in range(n) if b != a)) for a in range(n)]  # (M, bm, d_a)
+    # (M, bm, d_a) per axis; no empty-dims reduction for one axis (its meaning has varied across torch versions)
+    proj = [keep if n == 1 else keep.any(dim=tuple(2 + b for b in range(n) if b != a)) for a in range(n)]
     rebuilt = None
     for a, pa in enumerate(proj):
         shape = [M, bm] + [dims[b] if b == a else 1 for b in range(n)]

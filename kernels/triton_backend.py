@@ -600,7 +600,8 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool, fused=F
         vd = _TensorDescriptor(v, list(v.shape), list(v.stride()), blk)
     else:
         kd, vd = k, v
-    factors = layout.mask_factors if (c["HAS_PARTIAL"] and cfg.get("factors", True)) else None
+    # the factored masks bias scores by -2**100 before scaling: only a positive scale keeps them dominant
+    factors = layout.mask_factors if (c["HAS_PARTIAL"] and cfg.get("factors", True) and scale > 0) else None
     grid = (nqb * (c["BLOCK_M"] // cfg["TM"]), B * H)
     _fwd_kernel[grid](
         q, k, v, kd, vd, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),

@@ -121,3 +121,16 @@ def test_prefilled_layout_info_without_partial_fraction_still_runs():
     out = block_sparse_attention(q, k, v, lay, backend="triton")
     ref = masked_attention(q.double(), k.double(), v.double(), lay.to_dense())
     assert (out.double() - ref).abs().max().item() < 2e-5
+
+
+@needs_kernel
+def test_zero_scale_keeps_the_mask():
+    """scale=0 (uniform weights over kept keys) must not let the biased, dropped keys in: bits are used then."""
+    shape, kernel = (16, 16), (5, 5)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 256, 32, device=DEV, generator=g) for _ in range(3))
+    lay = nl.get_layout(make_spec(shape, kernel), (32, 16), DEV)
+    assert lay.mask_factors is not None
+    out = block_sparse_attention(q, k, v, lay, backend="triton", scale=0.0)
+    ref = masked_attention(q.double(), k.double(), v.double(), lay.to_dense(), scale=0.0)
+    assert (out.double() - ref).abs().max().item() < 2e-5
