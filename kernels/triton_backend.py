@@ -58,7 +58,7 @@ PARTIAL_HEAVY = 0.1
 # "auto" takes mode "q" (K/V by copies that keep TMA loads) when K and V hold at least this many bytes, else
 # fused: below it the extra launches cost more host time than the TMA loads save. H100, 24 heads: 2-D NA "q"
 # 13.0 vs fused 14.0 ms, 2-D GNA 9.9 vs 10.5, 3-D NA 52.5 vs 60.8, 3-D GNA 30.4 vs 30.2; a 128x128 + 512-token,
-# 4-head call: host 0.48 vs 0.21 ms in a host-bound step (benchmarks/results/gather_probe_h100.json).
+# 4-head call: host 0.19-0.25 vs 0.11-0.12 ms in a host-bound step (benchmarks/results/gather_probe_h100.json).
 Q_MODE_MIN_BYTES = 64 << 20
 # Where the layout's token permutation is applied (read at every call, so it can be switched in-process):
 #   False: gather/scatter copies around the kernels;
