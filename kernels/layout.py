@@ -74,7 +74,8 @@ MASK_BIG = 2.0 ** 100  # exact in bf16; far beyond any real score, finite so one
 _FACTOR_MAX_WIDTH = 32  # wider one-hot maps (1-D blocks) would cost more than the bit tests they replace
 
 
-def factor_masks(mask_table: torch.Tensor, block_n: int, dims: Tuple[int, ...]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def factor_masks(mask_table: torch.Tensor, block_n: int,
+                 dims: Tuple[int, ...]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """Write bit-packed block masks as sums of per-axis biases, or ``None`` if they do not factor.
 
     Key column ``c`` of a block is taken as the row-major point ``unravel(c, dims)`` (``prod(dims) ==
